@@ -1,0 +1,198 @@
+"""Class activation maps of an image's label at several scales, with flips (DAP Step 2).
+
+For each scale s: resize so the short side is s (bilinear, antialiased, aspect kept, as
+torchvision's ``Resize(s)``), normalise with the ImageNet mean and std, zero-pad right and
+bottom to a multiple of the stride; with flips, also run the mirrored image and average
+the mirrored-back feature maps. The CAM of the label is the 1x1 convolution of the feature
+map with that class's linear weight plus its bias (no ReLU). Each scale's map is min-max
+normalised to [0, 1] on its own (a constant map becomes zeros), brought onto the largest
+scale's grid by nearest-neighbour sampling (as the authors' release does), and the maps are
+averaged (not renormalised).
+
+Batching: images are grouped by their padded input shape at each scale and each group
+runs as one batch. Padding to a batch maximum instead would change the result: extra
+padding alters the features near the image's right and bottom edges and adds cells to the
+map's min-max. Grouping keeps batched and one-at-a-time results equal, and ImageNet-like
+data (mostly 4:3 and 3:4 photos) falls into few shapes, so batches stay full.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.transforms.v2 import functional as TF
+
+from dap_ray.models import as_cam_model
+
+__all__ = ["CamExtractor", "IMAGENET_MEAN", "IMAGENET_STD", "check_image", "resize_short_side", "resized_size"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """``(w, h)`` after resizing the short side to ``short_side`` (torchvision's rounding)."""
+    if width <= height:
+        return short_side, int(short_side * height / width)
+    return int(short_side * width / height), short_side
+
+
+def check_image(image: object, name: str = "image") -> np.ndarray:
+    """``image`` if it is an (H, W, 3) uint8 RGB array, else a ValueError naming it."""
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        desc = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise ValueError(f"{name} must be an (H, W, 3) uint8 RGB array, got {desc}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {image.shape})")
+    return image
+
+
+def resize_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
+    """(H, W, 3) uint8 RGB to (h, w, 3) uint8 with short side ``short_side``.
+
+    Bilinear with antialiasing (torchvision's tensor resize, which matches PIL's), rounded
+    back to uint8 as the authors' PIL-based pipeline was.
+    """
+    height, width = image.shape[:2]
+    new_w, new_h = resized_size(width, height, short_side)
+    chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    resized = TF.resize(chw, [new_h, new_w], antialias=True)
+    return resized.permute(1, 2, 0).numpy()
+
+
+class CamExtractor:
+    """Multi-scale, flip-averaged CAMs of each image's label.
+
+    Args:
+        model: a classifier that :func:`dap_ray.models.as_cam_model` accepts (any
+            torchvision ResNet, or a :class:`dap_ray.models.CamModel`).
+        scales: short sides, in pixels, to run at.
+        flip: also run the horizontally mirrored image.
+        stride: the feature map's stride; inputs are padded to a multiple of it.
+        device: where to run; default CUDA when available, else CPU. The model runs
+            channels-last (faster with cuDNN and oneDNN alike), under bf16 autocast on
+            CUDA and in float32 on CPU.
+        batch_size: images per forward pass (each with its mirror when ``flip``).
+
+    Calling it with a list of (H, W, 3) uint8 RGB arrays of any sizes and their integer
+    labels returns one float32 CAM per image, of shape (ceil(h/stride), ceil(w/stride))
+    where (h, w) is the image resized to the largest scale; values in [0, 1].
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        scales: Sequence[int] = (288, 576),
+        flip: bool = True,
+        stride: int = 32,
+        device: str | torch.device | None = None,
+        batch_size: int = 16,
+    ):
+        scales = tuple(sorted(int(s) for s in scales))
+        if not scales or scales[0] <= 0:
+            raise ValueError(f"scales must be positive short sides, got {scales}")
+        if stride <= 0 or batch_size <= 0:
+            raise ValueError(f"stride and batch_size must be positive, got {stride} and {batch_size}")
+        self.scales, self.flip, self.stride, self.batch_size = scales, bool(flip), int(stride), int(batch_size)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self._on_cuda = self.device.type == "cuda"
+        cam_model = as_cam_model(model).eval().to(self.device, memory_format=torch.channels_last)
+        self.model = cam_model
+        with torch.no_grad():
+            self._weight = cam_model.class_weight.detach().float()
+            self._bias = cam_model.class_bias.detach().float()
+        self.num_classes = int(self._weight.shape[0])
+        self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
+        self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255
+
+    def __call__(self, images: Sequence[np.ndarray], labels: Sequence[int]) -> list[np.ndarray]:
+        images = [check_image(image, f"images[{i}]") for i, image in enumerate(images)]
+        resized = [[resize_short_side(image, s) for s in self.scales] for image in images]
+        return self.from_resized(resized, labels)
+
+    def from_resized(self, resized: Sequence[Sequence[np.ndarray]], labels: Sequence[int]) -> list[np.ndarray]:
+        """CAMs from images already resized by :func:`resize_short_side`.
+
+        ``resized[i][j]`` is image i at ``self.scales[j]`` ((h, w, 3) uint8), so that
+        decoding and resizing can run on other workers than the model.
+        """
+        labels = self._check_labels(labels, len(resized))
+        per_scale = [self._cams_at_scale([r[j] for r in resized], labels) for j in range(len(self.scales))]
+        cams = []
+        for i in range(len(resized)):
+            target = per_scale[-1][i]
+            total = target.copy()
+            for maps in per_scale[:-1]:
+                total += _nearest(maps[i], target.shape)
+            total /= len(self.scales)
+            cams.append(total)
+        return cams
+
+    def _check_labels(self, labels: Sequence[int], count: int) -> np.ndarray:
+        if len(labels) != count:
+            raise ValueError(f"got {count} images but {len(labels)} labels")
+        out = np.empty(count, np.int64)
+        for i, label in enumerate(labels):
+            if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)):
+                raise ValueError(f"labels[{i}] must be an integer class index, got {label!r}")
+            if not 0 <= label < self.num_classes:
+                raise ValueError(f"labels[{i}] = {label} is outside the classifier's {self.num_classes} classes")
+            out[i] = label
+        return out
+
+    def _cams_at_scale(self, images: list[np.ndarray], labels: np.ndarray) -> list[np.ndarray]:
+        """Min-max normalised (h, w) float32 CAMs of ``images`` (all at one scale)."""
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, image in enumerate(images):
+            groups[(_round_up(image.shape[0], self.stride), _round_up(image.shape[1], self.stride))].append(i)
+        out: list[np.ndarray] = [None] * len(images)  # type: ignore[list-item]
+        for shape, members in groups.items():
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start : start + self.batch_size]
+                cams = self._forward([images[i] for i in chunk], labels[chunk], shape)
+                for i, cam in zip(chunk, cams):
+                    out[i] = cam
+        return out
+
+    @torch.inference_mode()
+    def _forward(self, images: list[np.ndarray], labels: np.ndarray, padded: tuple[int, int]) -> np.ndarray:
+        n = len(images)
+        batch = torch.zeros((n, 3, *padded), dtype=torch.float32, device=self.device)
+        for k, image in enumerate(images):
+            pixels = torch.from_numpy(image).to(self.device, non_blocking=True).permute(2, 0, 1)
+            batch[k, :, : image.shape[0], : image.shape[1]] = (pixels.float() - self._mean[0]) / self._std[0]
+        if self.flip:
+            batch = torch.cat([batch, batch.flip(-1)])
+        batch = batch.contiguous(memory_format=torch.channels_last)
+        if self._on_cuda:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                features = self.model.feature_map(batch)
+        else:
+            features = self.model.feature_map(batch)
+        features = features.float()
+        if self.flip:
+            features = (features[:n] + features[n:].flip(-1)) * 0.5
+        index = torch.from_numpy(labels).to(self.device)
+        cam = torch.einsum("nchw,nc->nhw", features, self._weight[index]) + self._bias[index].view(n, 1, 1)
+        low = cam.amin(dim=(1, 2), keepdim=True)
+        span = cam.amax(dim=(1, 2), keepdim=True) - low
+        cam = torch.where(span > 0, (cam - low) / span.clamp_min(torch.finfo(cam.dtype).tiny), torch.zeros_like(cam))
+        return cam.cpu().numpy()
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _nearest(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``cam`` sampled onto ``shape`` as ``F.interpolate(mode="nearest")`` does."""
+    if cam.shape == shape:
+        return cam
+    return F.interpolate(torch.from_numpy(cam)[None, None], size=shape, mode="nearest")[0, 0].numpy()

@@ -1,0 +1,17 @@
+import numpy as np
+import pytest
+import torch
+
+from tests.factories import tiny_resnet
+
+
+@pytest.fixture
+def tiny_model():
+    """A seeded 5-class tiny ResNet in eval mode."""
+    torch.manual_seed(0)
+    return tiny_resnet(num_classes=5).eval()
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

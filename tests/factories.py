@@ -1,0 +1,45 @@
+"""Classifier factories named as 'tests.factories:NAME' in load_classifier tests."""
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, ResNet
+
+
+def tiny_resnet(num_classes: int = 7) -> ResNet:
+    """A torchvision ResNet with one block per stage: stride 32, fast on CPU."""
+    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes)
+
+
+class TinyCamNet(nn.Module):
+    """A non-ResNet that meets dap_ray.models.CamModel directly."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, stride=32, padding=1), nn.ReLU())
+        self.head = nn.Linear(8, num_classes)
+
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(images)
+
+    @property
+    def class_weight(self) -> torch.Tensor:
+        return self.head.weight
+
+    @property
+    def class_bias(self) -> torch.Tensor:
+        return self.head.bias
+
+
+def tiny_cam_net() -> TinyCamNet:
+    return TinyCamNet()
+
+
+def plain_sequential() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())
+
+
+def not_a_module():
+    return "resnet"
+
+
+NOT_CALLABLE = 3
