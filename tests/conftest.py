@@ -15,3 +15,15 @@ def tiny_model():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session: starting Ray costs seconds."""
+    import ray
+
+    from dap_ray.ray_setup import init_ray
+
+    init_ray(num_cpus=2, include_dashboard=False)
+    yield ray
+    ray.shutdown()

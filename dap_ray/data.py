@@ -1,0 +1,160 @@
+"""Reading classification datasets: class maps, ImageNet-style folder trees, image decoding.
+
+Plain Python/PIL/numpy; no Ray. Every image comes out as an (H, W, 3) uint8 RGB array;
+colour modes are converted rather than rejected, and unreadable inputs raise
+:class:`BadImageError` with a reason that can go into an errors table.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+__all__ = [
+    "IMAGE_EXTENSIONS", "MAX_IMAGE_PIXELS", "BadImageError", "FolderListing",
+    "decode_image", "list_image_folder", "read_class_map",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"})
+# Larger images are refused (decompression bombs): 16k x 16k covers any real photo.
+MAX_IMAGE_PIXELS = 16384 * 16384
+
+
+class BadImageError(ValueError):
+    """An input that cannot become an RGB image; the message is the reason."""
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Encoded image bytes to an (H, W, 3) uint8 RGB array.
+
+    Grayscale, palette, CMYK, alpha (dropped) and 16-bit images are converted. Raises
+    :class:`BadImageError` for empty, truncated, corrupt or non-image data and for images
+    of more than ``max_pixels`` pixels (checked from the header, before decoding).
+    """
+    if not data:
+        raise BadImageError("empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise BadImageError(f"image of {width}x{height} pixels exceeds the {max_pixels}-pixel limit")
+            if width < 1 or height < 1:
+                raise BadImageError(f"image has no pixels ({width}x{height})")
+            image.load()
+            return _to_rgb(image)
+    except BadImageError:
+        raise
+    except UnidentifiedImageError:
+        raise BadImageError("not a recognised image format") from None
+    except Image.DecompressionBombError as exc:
+        raise BadImageError(f"decompression bomb: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BadImageError(f"corrupt or truncated image: {exc}") from None
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit (or 32-bit int) grayscale: scale to 8 bits instead of clipping at 255.
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        gray = np.clip(np.round(values * (255.0 / top)), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        span = values.max() - values.min()
+        gray = ((values - values.min()) / span * 255 if span > 0 else np.zeros_like(values)).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image, dtype=np.uint8).copy()
+
+
+def read_class_map(path: str | Path) -> list[str]:
+    """Class names, one per line (line i is classifier output i).
+
+    Only a line's first token is the name, so ImageNet's ``LOC_synset_mapping.txt``
+    (``n01440764 tench, Tinca tinca``) works as it is. Blank lines are skipped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"class map not found: {path}")
+    names = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    if not names:
+        raise ValueError(f"class map {path} lists no classes")
+    seen: set[str] = set()
+    duplicates = sorted({n for n in names if n in seen or seen.add(n)})  # type: ignore[func-returns-value]
+    if duplicates:
+        raise ValueError(f"class map {path} lists some classes twice: {duplicates[:5]}")
+    return names
+
+
+@dataclass
+class FolderListing:
+    """Images of a ``ROOT/<class>/<image>`` tree.
+
+    ``items``: (path relative to the root, label) pairs, sorted by path. ``classes``: line
+    i is label i. ``unknown_folders``: folders not in the class map (not listed in
+    ``items``). ``skipped_files``: files that are not images by extension, or lie
+    outside any class folder.
+    """
+
+    root: Path
+    items: list[tuple[str, int]]
+    classes: list[str]
+    unknown_folders: list[str] = field(default_factory=list)
+    skipped_files: list[str] = field(default_factory=list)
+
+    def problems(self) -> list[str]:
+        """Human-readable lines for what was not listed."""
+        lines = []
+        if self.unknown_folders:
+            lines.append(f"{len(self.unknown_folders)} folder(s) not in the class map were skipped: "
+                         + ", ".join(self.unknown_folders[:10]))
+        if self.skipped_files:
+            lines.append(f"{len(self.skipped_files)} non-image or unfiled file(s) were skipped: "
+                         + ", ".join(self.skipped_files[:10]))
+        return lines
+
+
+def list_image_folder(root: str | Path, class_map: str | Path | None = None) -> FolderListing:
+    """List ``root/<class>/<image>`` (ImageNet-1K's train layout, nested folders allowed).
+
+    Labels come from ``class_map`` (see :func:`read_class_map`); without one, from the
+    sorted folder names.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"image folder not found: {root}")
+    folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    skipped = sorted(entry.name for entry in os.scandir(root) if entry.is_file())
+    classes = read_class_map(class_map) if class_map is not None else folders
+    if not classes:
+        raise ValueError(f"{root} has no class folders")
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = [name for name in folders if name not in index]
+    items = []
+    for name in folders:
+        if name not in index:
+            continue
+        for dirpath, dirnames, filenames in os.walk(root / name):
+            dirnames.sort()
+            for filename in sorted(filenames):
+                relative = os.path.relpath(os.path.join(dirpath, filename), root).replace(os.sep, "/")
+                if os.path.splitext(filename)[1].lower() in IMAGE_EXTENSIONS:
+                    items.append((relative, index[name]))
+                else:
+                    skipped.append(relative)
+    listing = FolderListing(root, items, list(classes), unknown, skipped)
+    for line in listing.problems():
+        log.warning("%s: %s", root, line)
+    if not items:
+        raise ValueError(f"no images found under {root} for the {len(classes)} classes")
+    return listing
