@@ -12,6 +12,7 @@ state dict that :func:`dap_ray.models.load_classifier` loads, and ``RUN_DIR/meta
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -183,7 +184,7 @@ def _train_loop(loop_config: dict) -> None:
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = state["epoch"] + 1, state["history"]
         if rank == 0:
-            print(f"resuming from the checkpoint of epoch {start_epoch}/{cfg.epochs}", flush=True)
+            print(f"resuming after epoch {start_epoch}/{cfg.epochs} from the last checkpoint", flush=True)
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     for epoch in range(start_epoch, cfg.epochs):
@@ -218,6 +219,8 @@ def _train_loop(loop_config: dict) -> None:
                       f"loss {loss_sum / seen:.4f} {seen * world / (now - started):.1f} images/s", flush=True)
                 last_print = now
         elapsed = time.perf_counter() - started
+        if seen == 0:
+            raise RuntimeError(f"no training image under {cfg.data} could be read on rank {rank}")
         val_correct, val_seen = _evaluate(model, val_loader, device, autocast)
         totals = torch.tensor([val_correct, val_seen, seen, correct, loss_sum], dtype=torch.float64)
         if world > 1:
@@ -274,6 +277,9 @@ def train_classifier(cfg: ClassifierTrainConfig) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    # Workers run in other directories: every path they see must be absolute.
+    cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()),
+                              class_map=str(Path(cfg.class_map).resolve()) if cfg.class_map else None)
     listing = list_image_folder(cfg.data, cfg.class_map)
     for line in listing.problems():
         print(f"warning: {line}", flush=True)
@@ -282,13 +288,13 @@ def train_classifier(cfg: ClassifierTrainConfig) -> dict:
         raise ValueError(f"no validation images: {len(listing.items)} images are too few for val_fraction {cfg.val_fraction}")
     output = Path(cfg.output).resolve()
     output.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, output / "config.yaml")
 
     init_ray()
     cpus_per_worker = cfg.cpus_per_worker
     if cpus_per_worker is None and not cfg.use_gpu:
         cpus_per_worker = max(1, int(ray.available_resources().get("CPU", 1)) // cfg.num_workers)
-    resolved = ClassifierTrainConfig(**{**config_to_dict(cfg), "cpus_per_worker": cpus_per_worker or 1})
+    resolved = dataclasses.replace(cfg, cpus_per_worker=cpus_per_worker or 1)
+    save_config(resolved, output / "config.yaml")
     print(f"training {cfg.arch} on {len(train_items)} images ({len(val_items)} held out) of "
           f"{len(listing.classes)} classes with {cfg.num_workers} worker(s)", flush=True)
     storage = Path(cfg.storage_path).resolve() if cfg.storage_path else output / "ray"

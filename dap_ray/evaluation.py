@@ -5,6 +5,8 @@ Plain numpy; boxes are xyxy float32 (N, 4) in original-image pixels.
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 from typing import Mapping
 
@@ -96,12 +98,9 @@ def centre_baseline(
 
 def load_coco_boxes(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, int]]]:
     """True boxes from a COCO file: ``file_name`` to xyxy float32 (M, 4), and to (W, H)."""
-    from pycocotools.coco import COCO  # imported here: it prints on load
+    from pycocotools.coco import COCO
 
-    import contextlib
-    import io
-
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints progress lines
         coco = COCO(str(path))
     boxes: dict[str, np.ndarray] = {}
     sizes: dict[str, tuple[int, int]] = {}

@@ -27,3 +27,21 @@ def ray_session():
     init_ray(num_cpus=2, include_dashboard=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def trained_sample(ray_session, tmp_path_factory):
+    """The built-in sample set and a tiny ResNet trained on it through Ray Train (about a minute).
+
+    Returns (sample folder, run folder, meta).
+    """
+    from dap_ray.classifier import ClassifierTrainConfig, train_classifier
+    from dap_ray.sample import SampleConfig, make_sample_dataset
+
+    sample = make_sample_dataset(tmp_path_factory.mktemp("trained_sample"), SampleConfig())
+    run = sample / "classifier_run"
+    meta = train_classifier(ClassifierTrainConfig(
+        data=str(sample / "images"), class_map=str(sample / "classes.txt"), output=str(run),
+        arch="tests.factories:tiny_resnet", epochs=6, lr=2e-3, num_workers=1, cpus_per_worker=2,
+    ))
+    return sample, run, meta
