@@ -1,0 +1,198 @@
+"""Where images come from: the three ways ImageNet-scale data is stored, cut into shards.
+
+A shard is a plain dict that one Ray Data task reads: a chunk of a folder tree's file list,
+one tar file, or one Parquet file. Listing shards never lists the images inside tars or
+Parquet files (14M files are not listed one by one); reading a shard yields one record per
+image: ``image_id`` (unique, stable across runs), ``label`` (int, -1 when unknown),
+``data`` (encoded bytes) and ``error`` (a reason, or "").
+
+No Ray here: :mod:`dap_ray.pipeline` runs :func:`read_shard` in Ray Data tasks.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+from typing import Iterator
+
+from dap_ray.data import IMAGE_EXTENSIONS, list_image_folder, read_class_map
+
+__all__ = ["FORMATS", "list_shards", "read_shard", "shard_key"]
+
+FORMATS = ("folder", "tar", "parquet")
+
+
+def shard_key(image_id: str) -> str:
+    """The shard an image id belongs to, for tar and Parquet inputs (the file it came from)."""
+    return image_id.split("::", 1)[0]
+
+
+def list_shards(
+    input_path: str | Path,
+    fmt: str,
+    class_map: str | Path | None = None,
+    shard_size: int = 256,
+    skip: frozenset[str] = frozenset(),
+    image_column: str = "image",
+    label_column: str = "label",
+) -> tuple[list[dict], list[str], list[str]]:
+    """Shards of ``input_path`` as dicts, the class names (may be empty), and problems to report.
+
+    ``skip``: image ids already mined; folder shards leave them out, tar and Parquet shards
+    carry theirs for :func:`read_shard` to pass over.
+    """
+    root = Path(input_path).resolve()
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown input format {fmt!r}: expected one of {FORMATS}")
+    if fmt == "folder":
+        listing = list_image_folder(root, class_map)
+        items = [(path, label) for path, label in listing.items if path not in skip]
+        shards = [
+            {"shard_id": f"folder-{i // shard_size:07d}", "format": fmt, "path": str(root),
+             "members": [p for p, _ in items[i : i + shard_size]], "labels": [l for _, l in items[i : i + shard_size]],
+             "skip": [], "image_column": image_column, "label_column": label_column, "classes": listing.classes}
+            for i in range(0, len(items), shard_size)
+        ]
+        return shards, listing.classes, listing.problems()
+
+    suffix = ".tar" if fmt == "tar" else ".parquet"
+    if root.is_file():
+        files = [root]
+        base = root.parent
+    elif root.is_dir():
+        files = sorted(p for p in root.rglob(f"*{suffix}") if p.is_file())
+        base = root
+    else:
+        raise ValueError(f"input not found: {root}")
+    if not files:
+        raise ValueError(f"no {suffix} files under {root}")
+    classes = read_class_map(class_map) if class_map is not None else []
+    by_shard: dict[str, list[str]] = {}
+    for image_id in skip:
+        by_shard.setdefault(shard_key(image_id), []).append(image_id)
+    shards = []
+    for i, path in enumerate(files):
+        name = path.relative_to(base).as_posix()
+        shards.append({"shard_id": f"{fmt}-{i:07d}", "format": fmt, "path": str(path), "name": name,
+                       "members": [], "labels": [], "skip": sorted(by_shard.get(name, [])),
+                       "image_column": image_column, "label_column": label_column, "classes": classes})
+    return shards, classes, []
+
+
+def read_shard(shard: dict) -> Iterator[dict]:
+    """Records of one shard's images (see the module docstring); bad entries carry an error."""
+    fmt = shard["format"]
+    skip = set(shard.get("skip") or ())
+    if fmt == "folder":
+        root = Path(shard["path"])
+        for member, label in zip(shard["members"], shard["labels"]):
+            try:
+                data = (root / member).read_bytes()
+                yield _record(member, label, data)
+            except OSError as exc:
+                yield _record(member, label, b"", f"cannot read file: {exc.strerror or exc}")
+        return
+    index = {name: i for i, name in enumerate(shard.get("classes") or [])}
+    if fmt == "tar":
+        yield from _read_tar(shard, index, skip)
+    else:
+        yield from _read_parquet(shard, index, skip)
+
+
+def _record(image_id: str, label: int, data: bytes, error: str = "") -> dict:
+    return {"image_id": image_id, "label": int(label), "data": data, "error": error}
+
+
+def _label_from_name(text: str, index: dict[str, int]) -> tuple[int, str]:
+    text = text.strip()
+    if text in index:
+        return index[text], ""
+    if text.lstrip("-").isdigit() and not index:
+        return int(text), ""
+    return -1, f"unknown class {text!r}"
+
+
+def _read_tar(shard: dict, index: dict[str, int], skip: set[str]) -> Iterator[dict]:
+    """ImageNet-21K style (one tar per synset: class = the tar's name, or a member's folder,
+    or the part of its file name before '_') or WebDataset style (``key.cls`` beside ``key.jpg``)."""
+    name = shard["name"]
+    try:
+        tar = tarfile.open(shard["path"])
+    except (OSError, tarfile.TarError) as exc:
+        yield _record(f"{name}::", -1, b"", f"cannot open tar: {exc}")
+        return
+    with tar:
+        images: list[tarfile.TarInfo] = []
+        classes: dict[str, str] = {}
+        try:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                stem, ext = os.path.splitext(info.name)
+                if ext.lower() == ".cls":
+                    classes[stem] = tar.extractfile(info).read().decode("utf-8", "replace")
+                elif ext.lower() in IMAGE_EXTENSIONS:
+                    images.append(info)
+        except (OSError, tarfile.TarError) as exc:
+            yield _record(f"{name}::", -1, b"", f"corrupt tar after {len(images)} images: {exc}")
+        tar_class = Path(name).stem
+        for info in images:
+            image_id = f"{name}::{info.name}"
+            if image_id in skip:
+                continue
+            stem = os.path.splitext(info.name)[0]
+            if stem in classes:
+                label, error = _label_from_name(classes[stem], index)
+            elif "/" in info.name:
+                label, error = _label_from_name(info.name.split("/")[0], index)
+            elif tar_class in index:
+                label, error = index[tar_class], ""
+            else:
+                label, error = _label_from_name(os.path.basename(stem).split("_")[0], index)
+            try:
+                data = tar.extractfile(info).read()
+            except (OSError, tarfile.TarError) as exc:
+                data, error = b"", f"cannot read tar member: {exc}"
+            yield _record(image_id, label, data, error)
+
+
+def _read_parquet(shard: dict, index: dict[str, int], skip: set[str]) -> Iterator[dict]:
+    """A table with an image column (bytes, or a path relative to the file) and a label column
+    (an int, or a class name looked up in the class map)."""
+    import pyarrow.parquet as pq
+
+    name, path = shard["name"], Path(shard["path"])
+    image_column, label_column = shard["image_column"], shard["label_column"]
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for a bad file
+        yield _record(f"{name}::", -1, b"", f"cannot open parquet: {exc}")
+        return
+    missing = [c for c in (image_column, label_column) if c not in parquet.schema_arrow.names]
+    if missing:
+        yield _record(f"{name}::", -1, b"", f"missing column(s) {missing}; has {parquet.schema_arrow.names}")
+        return
+    row = 0
+    for batch in parquet.iter_batches(batch_size=256, columns=[image_column, label_column]):
+        for value, label_value in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+            image_id = f"{name}::{value}" if isinstance(value, str) else f"{name}::{row}"
+            row += 1
+            if image_id in skip:
+                continue
+            if isinstance(label_value, str):
+                label, error = _label_from_name(label_value, index)
+            elif label_value is None:
+                label, error = -1, "missing label"
+            else:
+                label, error = int(label_value), ""
+            if isinstance(value, (bytes, bytearray)):
+                data = bytes(value)
+            elif isinstance(value, str):
+                try:
+                    data = (path.parent / value).read_bytes()
+                except OSError as exc:
+                    data, error = b"", f"cannot read file: {exc.strerror or exc}"
+            else:
+                data, error = b"", "image column holds neither bytes nor a path"
+            yield _record(image_id, label, data, error)
