@@ -26,6 +26,9 @@ from dap_ray.boxes import BoxConfig, cam_to_boxes_batch
 from dap_ray.cam import resize_short_side
 from dap_ray.data import MAX_IMAGE_PIXELS, BadImageError, decode_image
 
+# Smaller images hold nothing a stride-32 CAM can localise.
+MIN_IMAGE_SIDE = 8
+
 __all__ = ["BOXES_SCHEMA", "ERRORS_SCHEMA", "CamBoxStage", "MineConfig", "decode_and_resize", "write_results"]
 
 BOXES_SCHEMA = pa.schema([
@@ -102,6 +105,8 @@ def decode_and_resize(batch: pa.Table, scales: tuple[int, ...], max_pixels: int 
                 image = decode_image(data, max_pixels)
             except BadImageError as exc:
                 error = str(exc)
+        if not error and min(image.shape[:2]) < MIN_IMAGE_SIDE:
+            error = f"image of {image.shape[1]}x{image.shape[0]} pixels is too small (under {MIN_IMAGE_SIDE} pixels a side)"
         if not error and label < 0:
             error = "no label"
         out["image_id"].append(image_id)
@@ -149,7 +154,7 @@ class CamBoxStage:
                 errors[i] = f"label {rows['label'][i]} is outside the classifier's {self.extractor.num_classes} classes"
         good = [i for i in range(n) if not errors[i]]
         resized = [
-            [np.frombuffer(rows[f"pixels{j}"][i], np.uint8).reshape(rows[f"h{j}"][i], rows[f"w{j}"][i], 3)
+            [np.frombuffer(rows[f"pixels{j}"][i], np.uint8).reshape(rows[f"h{j}"][i], rows[f"w{j}"][i], 3).copy()
              for j in range(scales)]
             for i in good
         ]

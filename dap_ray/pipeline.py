@@ -44,9 +44,11 @@ def embedded_default(cfg: MineConfig, cache: str | Path | None = None) -> MineCo
         print(f"first run: training a resnet18 on it, cached in {run} (about 4 minutes on 2 CPU cores)", flush=True)
         train_classifier(ClassifierTrainConfig(data=str(sample / "images"), class_map=str(sample / "classes.txt"),
                                                output=str(run)))
-    print(f"mining the built-in sample set ({sample}) with the classifier in {run}", flush=True)
-    return dataclasses.replace(cfg, input=str(sample / "images"), format="folder", classifier="resnet18",
-                               weights=str(run / "classifier.pt"), class_map=str(sample / "classes.txt"),
+    meta = json.loads((run / "meta.json").read_text())
+    print(f"mining the built-in sample set ({sample}) with the {meta['arch']} in {run}", flush=True)
+    return dataclasses.replace(cfg, input=str(sample / "images"), format="folder", classifier=meta["arch"],
+                               num_classes=meta["num_classes"], weights=str(run / "classifier.pt"),
+                               class_map=str(sample / "classes.txt"),
                                scales=SAMPLE_SCALES, gt_boxes=cfg.gt_boxes or str(sample / "gt_boxes.json"))
 
 
@@ -98,10 +100,7 @@ def mine(cfg: MineConfig) -> dict:
                                        scales=tuple(sorted(cfg.scales)), flip=cfg.flip, box_config=cfg.box_config(),
                                        batch_size=cfg.batch_size, device="cuda" if on_gpu else "cpu",
                                        torch_threads=threads),
-            # A dead actor is replaced and its batches retried.
-            max_restarts=-1,
-            max_task_retries=-1,
-        )
+        )  # Ray Data's actor pools restart a dead actor and retry its batches (max_restarts=-1 by default).
         ds = ds.map_batches(write_results, batch_format="pyarrow", batch_size=None, fn_kwargs={"output": str(output)})
         last = 0.0
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

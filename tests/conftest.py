@@ -45,3 +45,19 @@ def trained_sample(ray_session, tmp_path_factory):
         arch="tests.factories:tiny_resnet", epochs=6, lr=2e-3, num_workers=1, cpus_per_worker=2,
     ))
     return sample, run, meta
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    """A 3-class folder tree of 30 sample images plus 8 awkward files, and random tiny weights."""
+    from dap_ray.sample import SampleConfig, make_sample_dataset
+    from tests.factories import tiny_resnet
+    from tests.helpers import bad_files
+
+    root = tmp_path_factory.mktemp("mine")
+    sample = make_sample_dataset(root / "sample", SampleConfig(num_images=30, num_classes=3, image_size=48))
+    for name, data in bad_files(np.random.default_rng(1)).items():
+        (sample / "images" / "disc" / name).write_bytes(data)
+    torch.manual_seed(0)
+    torch.save(tiny_resnet(num_classes=3).state_dict(), root / "weights.pt")
+    return sample, root / "weights.pt"

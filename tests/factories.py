@@ -43,3 +43,22 @@ def not_a_module():
 
 
 NOT_CALLABLE = 3
+
+
+class _Pause(nn.Module):
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x):
+        import time
+
+        time.sleep(self.seconds)
+        return x
+
+
+def slow_tiny_resnet(num_classes: int = 7) -> ResNet:
+    """tiny_resnet that pauses 0.1 s per forward pass: long enough runs to kill things in."""
+    model = tiny_resnet(num_classes)
+    model.layer1 = nn.Sequential(_Pause(0.1), model.layer1)
+    return model

@@ -1,0 +1,94 @@
+"""The mining stages, without Ray."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from dap_ray.boxes import BoxConfig
+from dap_ray.mining import BOXES_SCHEMA, CamBoxStage, MineConfig, decode_and_resize, read_done_ids, write_results
+from tests.helpers import BAD_ERRORS, bad_files, encode, photo
+
+SCALES = (32, 64)
+
+
+def records(named: dict[str, bytes], label: int = 1) -> pa.Table:
+    return pa.table({"image_id": list(named), "label": [label] * len(named), "data": list(named.values()),
+                     "error": [""] * len(named)})
+
+
+@pytest.fixture
+def stage(tmp_path, tiny_model):
+    torch.save(tiny_model.state_dict(), tmp_path / "w.pt")
+    return CamBoxStage("tests.factories:tiny_resnet", str(tmp_path / "w.pt"), 5, SCALES, True,
+                       BoxConfig(scale=64), batch_size=4, device="cpu", torch_threads=1)
+
+
+def test_empty_batch_passes_through(stage):
+    decoded = decode_and_resize(records({}), SCALES)
+    assert decoded.num_rows == 0
+    assert stage(decoded).num_rows == 0
+
+
+def test_bad_inputs_become_error_rows_and_good_ones_are_mined(rng, stage):
+    files = {"good.jpg": encode(photo(rng, 60, 80), "JPEG"), **bad_files(rng)}
+    out = stage(decode_and_resize(records(files), SCALES)).to_pydict()
+    errors = {i: e for i, e in zip(out["image_id"], out["error"]) if e}
+    assert set(errors) == BAD_ERRORS
+    assert "truncated" in errors["corrupt.jpg"] and "empty" in errors["empty.jpg"]
+    assert "not a recognised image" in errors["text.jpg"] and "too small" in errors["tiny.png"]
+    for image_id, boxes, width in zip(out["image_id"], out["boxes"], out["width"]):
+        if image_id not in errors:
+            assert len(boxes) >= 1 and all(len(b) == 4 and 0 <= b[0] <= b[2] <= width - 1 for b in boxes)
+
+
+def test_constant_cam_is_an_error_row(tmp_path, rng, tiny_model):
+    with torch.no_grad():
+        tiny_model.fc.weight.zero_()
+    torch.save(tiny_model.state_dict(), tmp_path / "w.pt")
+    stage = CamBoxStage("tests.factories:tiny_resnet", str(tmp_path / "w.pt"), 5, SCALES, True, BoxConfig(scale=64), 4)
+    out = stage(decode_and_resize(records({"x.png": encode(photo(rng, 40, 40))}), SCALES)).to_pydict()
+    assert out["error"] == ["constant class activation map: nothing to localise"] and out["boxes"] == [[]]
+
+
+def test_huge_images_and_unknown_labels_are_errors(rng, stage):
+    big = {"big.png": encode(photo(rng, 100, 100))}
+    out = decode_and_resize(records(big), SCALES, max_pixels=5000).to_pydict()
+    assert "exceeds" in out["error"][0]
+    unlabelled = stage(decode_and_resize(records(big, label=-1), SCALES)).to_pydict()
+    assert unlabelled["error"] == ["no label"]
+    outside = stage(decode_and_resize(records(big, label=9), SCALES)).to_pydict()
+    assert "outside the classifier's 5 classes" in outside["error"][0]
+
+
+def test_write_is_whole_named_by_content_and_idempotent(tmp_path):
+    batch = pa.table({"image_id": ["a", "b", "c"], "label": [0, 1, 2], "width": [10, 10, 10], "height": [8, 8, 8],
+                      "boxes": [[[0.0, 0.0, 5.0, 5.0]], [], []], "scores": [[1.0], [], []],
+                      "error": ["", "", "broken"]})
+    counts = write_results(batch, str(tmp_path)).to_pydict()
+    assert counts == {"images": [2], "errors": [1], "boxes": [1]}
+    first = sorted(p.name for p in tmp_path.rglob("*.parquet"))
+    write_results(batch, str(tmp_path))  # a retried task
+    assert sorted(p.name for p in tmp_path.rglob("*.parquet")) == first
+    assert not list(tmp_path.rglob("*.partial"))
+    (boxes_file,) = (tmp_path / "boxes").glob("*.parquet")
+    table = pq.read_table(boxes_file)
+    assert table.schema.equals(BOXES_SCHEMA, check_metadata=False)
+    assert table.column("boxes").to_pylist() == [[[0.0, 0.0, 5.0, 5.0]], []]
+    assert read_done_ids(tmp_path) == {"a", "b", "c"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [(dict(actors=(2, 1)), "actors"), (dict(scales=()), "scales"), (dict(batch_size=0), "batch_size"),
+     (dict(thresholds=(1.5,)), "thresholds"), (dict(preset="x"), "unknown preset"), (dict(limit=0), "limit")],
+)
+def test_bad_mine_options_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MineConfig(**kwargs)
+
+
+def test_box_config_follows_the_largest_scale():
+    assert MineConfig(scales=(96, 192), preset="paper").box_config() == BoxConfig.from_preset("paper", scale=192)
+    assert np.isclose(MineConfig().box_config().nms_iou, 0.8)
