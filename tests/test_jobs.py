@@ -66,9 +66,10 @@ def test_ray_job_submit_to_a_local_head(dataset, tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "token",
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     env.pop("RAY_ADDRESS", None)
+    # Its own agent port: the session's Ray already holds the default one.
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--port=6391", "--dashboard-host=127.0.0.1",
-         "--dashboard-port=8291", "--num-cpus=2", "--disable-usage-stats"],
+         "--dashboard-port=8291", "--dashboard-agent-listen-port=52391", "--num-cpus=2", "--disable-usage-stats"],
         stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         deadline = time.time() + 120
@@ -81,10 +82,15 @@ def test_ray_job_submit_to_a_local_head(dataset, tmp_path):
                 time.sleep(1)
         output = tmp_path / "submitted"
         sample, weights = dataset
-        result = subprocess.run(
-            [RAY, "job", "submit", "--address", "http://127.0.0.1:8291", "--working-dir", str(ROOT), "--", "python",
-             *mine_args(dataset, output, "--classifier", "tests.factories:tiny_resnet", "--weights", str(weights))],
-            cwd=ROOT, capture_output=True, text=True, timeout=400, env=env)
+        for _attempt in range(10):  # the job agent comes up some seconds after the dashboard
+            result = subprocess.run(
+                [RAY, "job", "submit", "--address", "http://127.0.0.1:8291", "--working-dir", str(ROOT), "--",
+                 "python", *mine_args(dataset, output, "--classifier", "tests.factories:tiny_resnet",
+                                      "--weights", str(weights))],
+                cwd=ROOT, capture_output=True, text=True, timeout=400, env=env)
+            if "No available agent" not in result.stderr:
+                break
+            time.sleep(5)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert "succeeded" in result.stdout + result.stderr
         assert len(set(written_ids(output))) == 38
