@@ -11,6 +11,7 @@ at 4N at most 1.25x that at N.
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -18,7 +19,6 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,8 +31,34 @@ from dap_ray.models import load_classifier  # noqa: E402
 from dap_ray.sample import SampleConfig, make_sample_dataset  # noqa: E402
 
 
+def tree_rss(root_pid: int) -> int:
+    """Resident memory of a process and all its descendants, in bytes (Linux /proc)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+                parents[int(entry)] = int(fields[1])
+            except OSError:
+                continue
+    tree, frontier = {root_pid}, [root_pid]
+    while frontier:
+        pid = frontier.pop()
+        for child, parent in parents.items():
+            if parent == pid and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    total = 0
+    for pid in tree:
+        try:
+            total += int(open(f"/proc/{pid}/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            continue
+    return total
+
+
 def in_process(root: Path, arch: str, weights: Path, scales, batch: int) -> float:
-    torch.set_num_threads(psutil.cpu_count())
+    torch.set_num_threads(os.cpu_count())
     listing = list_image_folder(root)
     extractor = CamExtractor(load_classifier(arch, weights), scales=scales, batch_size=batch)
     config = BoxConfig(scale=max(scales))
@@ -54,13 +80,8 @@ def run_job(root: Path, arch: str, weights: Path, scales, batch: int, output: Pa
     peak = [0]
 
     def sample_memory():
-        parent = psutil.Process(job.pid)
         while job.poll() is None:
-            try:
-                procs = [parent, *parent.children(recursive=True)]
-                peak[0] = max(peak[0], sum(p.memory_info().rss for p in procs if p.is_running()))
-            except psutil.Error:
-                pass
+            peak[0] = max(peak[0], tree_rss(job.pid))
             time.sleep(0.25)
 
     sampler = threading.Thread(target=sample_memory)
@@ -91,7 +112,7 @@ def main() -> None:
         loop = in_process(small, args.arch, weights, args.scales, args.batch_size)
         pipeline, whole, peak_small = run_job(small, args.arch, weights, args.scales, args.batch_size, tmp / "out_small")
         _, _, peak_large = run_job(large, args.arch, weights, args.scales, args.batch_size, tmp / "out_large")
-    print(f"{args.arch}, scales {args.scales}, flips, {args.images} sample images, {psutil.cpu_count()} CPUs")
+    print(f"{args.arch}, scales {args.scales}, flips, {args.images} sample images, {os.cpu_count()} CPUs")
     print(f"in-process loop:            {loop:7.1f} images/s")
     print(f"jobs/mine.py, pipeline:     {pipeline:7.1f} images/s  ({pipeline / loop:.2f}x the loop)")
     print(f"jobs/mine.py, whole command:{whole:7.1f} images/s  ({whole / loop:.2f}x, Ray start-up included)")

@@ -65,7 +65,7 @@ class MineConfig:
     cpus_per_actor: float = field(default=1.0, metadata={"help": "CPUs reserved per model actor"})
     torch_threads: int | None = field(default=None, metadata={
         "help": "torch threads per CPU actor (default: the node's CPUs over the largest pool)"})
-    shard_size: int = field(default=256, metadata={"help": "folder images per read task"})
+    shard_size: int = field(default=64, metadata={"help": "folder images per read task (smaller streams sooner)"})
     limit: int | None = field(default=None, metadata={"help": "mine at most this many images"})
     gt_boxes: str | None = field(default=None, metadata={"help": "COCO file of true boxes: report quality in summary.json"})
     image_column: str = field(default="image", metadata={"help": "parquet: image column (bytes or path)"})
