@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["add_config_arguments", "config_to_dict", "resolve_config", "save_config"]
+__all__ = ["add_config_arguments", "config_to_dict", "resolve_config", "run_config_job", "save_config"]
 
 C = TypeVar("C")
 
@@ -46,6 +46,17 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> argparse
             kwargs["type"] = kind if kind in (int, float) else str
         parser.add_argument(flag, **kwargs)
     return parser
+
+
+def run_config_job(cls: type[C], run: typing.Callable[[C], Any], description: str | None) -> None:
+    """A job's whole ``main``: flags from ``cls``, then ``run(config)``; bad input exits 2 with its message."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser, cls)
+    args = parser.parse_args()
+    try:
+        run(resolve_config(cls, args))
+    except (ValueError, FileNotFoundError) as exc:
+        parser.exit(2, f"error: {exc}\n")
 
 
 def resolve_config(cls: type[C], args: argparse.Namespace | None = None, **overrides: Any) -> C:

@@ -9,26 +9,13 @@ command again after an interruption resumes from the last checkpoint. Connects t
 Ray cluster if there is one (RAY_ADDRESS, or under `ray job submit`), else starts a local one.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from dap_ray.classifier import ClassifierTrainConfig, train_classifier  # noqa: E402
-from dap_ray.config import add_config_arguments, resolve_config  # noqa: E402
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser, ClassifierTrainConfig)
-    args = parser.parse_args()
-    try:
-        config = resolve_config(ClassifierTrainConfig, args)
-        train_classifier(config)
-    except (ValueError, FileNotFoundError) as exc:
-        parser.exit(2, f"error: {exc}\n")
-
+from dap_ray.config import run_config_job  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    run_config_job(ClassifierTrainConfig, train_classifier, __doc__)
