@@ -11,7 +11,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-__all__ = ["boxes_to_coco", "contact_sheet", "read_boxes", "sample_images"]
+__all__ = ["boxes_to_coco", "contact_sheet", "read_boxes", "read_run_config", "sample_images"]
+
+
+def read_run_config(boxes_dir: str | Path) -> dict:
+    """The resolved ``config.yaml`` a mining run wrote beside ``boxes_dir``."""
+    import yaml
+
+    saved = Path(boxes_dir).parent / "config.yaml"
+    if not saved.is_file():
+        raise ValueError(f"{saved} not found: --boxes must be the boxes/ folder of a mining run")
+    return yaml.safe_load(saved.read_text())
 
 
 def sample_images(config: dict, image_ids: set[str]) -> dict[str, np.ndarray]:

@@ -87,8 +87,8 @@ def mine(cfg: MineConfig) -> dict:
         ds = ds.flat_map(read_shard)
         if cfg.limit is not None:
             ds = ds.limit(max(0, cfg.limit - len(done)))
-        ds = ds.map_batches(decode_and_resize, batch_format="pyarrow", batch_size=16,
-                            fn_kwargs={"scales": tuple(sorted(cfg.scales))})
+        scales = tuple(sorted(cfg.scales))
+        ds = ds.map_batches(decode_and_resize, batch_format="pyarrow", batch_size=16, fn_kwargs={"scales": scales})
         ds = ds.map_batches(
             CamBoxStage,
             batch_format="pyarrow",
@@ -97,7 +97,7 @@ def mine(cfg: MineConfig) -> dict:
             num_gpus=cfg.num_gpus_per_actor or None,
             num_cpus=cfg.cpus_per_actor,
             fn_constructor_kwargs=dict(classifier=cfg.classifier, weights=cfg.weights, num_classes=num_classes,
-                                       scales=tuple(sorted(cfg.scales)), flip=cfg.flip, box_config=cfg.box_config(),
+                                       scales=scales, flip=cfg.flip, box_config=cfg.box_config(),
                                        batch_size=cfg.batch_size, device="cuda" if on_gpu else "cpu",
                                        torch_threads=threads),
         )  # Ray Data's actor pools restart a dead actor and retry its batches (max_restarts=-1 by default).
@@ -120,36 +120,29 @@ def mine(cfg: MineConfig) -> dict:
 
 
 def _summary(output: Path, wall: float, counts: dict, cfg: MineConfig) -> dict:
-    boxes_dir, errors_dir = output / "boxes", output / "errors"
-    box_files = sorted(boxes_dir.glob("part-*.parquet"))
-    error_files = sorted(errors_dir.glob("part-*.parquet"))
-    table = pq.read_table(box_files, columns=["image_id", "width", "height", "boxes", "scores"]) if box_files else None
-    images = table.num_rows if table is not None else 0
-    errors = sum(pq.read_metadata(p).num_rows for p in error_files)
-    total_boxes = sum(len(b) for b in table.column("boxes").to_pylist()) if table is not None else 0
+    from dap_ray.export import read_boxes
+
+    rows = read_boxes(output / "boxes") if list((output / "boxes").glob("part-*.parquet")) else []
+    errors = sum(pq.read_metadata(p).num_rows for p in sorted((output / "errors").glob("part-*.parquet")))
+    total_boxes = sum(len(r["boxes"]) for r in rows)
     mined_now = counts["images"] + counts["errors"]
+    rate = round(mined_now / wall, 2) if wall > 0 else 0.0
     summary = {
-        "images": images,
+        "images": len(rows),
         "boxes": total_boxes,
-        "boxes_per_image": total_boxes / images if images else 0.0,
+        "boxes_per_image": total_boxes / len(rows) if rows else 0.0,
         "errors": errors,
         "this_run": {"images": counts["images"], "errors": counts["errors"], "wall_s": round(wall, 2),
-                     "images_per_s": round(mined_now / wall, 2) if wall > 0 else 0.0},
+                     "images_per_s": rate},
         "wall_s": round(wall, 2),
-        "images_per_s": round(mined_now / wall, 2) if wall > 0 else 0.0,
+        "images_per_s": rate,
         "config": config_to_dict(cfg),
     }
-    if cfg.gt_boxes and table is not None:
-        import numpy as np
-
+    if cfg.gt_boxes and rows:
         from dap_ray.evaluation import load_coco_boxes, localisation_quality
 
         truth, _ = load_coco_boxes(cfg.gt_boxes)
-        predictions = {
-            image_id: (np.asarray(b, np.float32).reshape(-1, 4), np.asarray(s, np.float32))
-            for image_id, b, s in zip(table.column("image_id").to_pylist(), table.column("boxes").to_pylist(),
-                                      table.column("scores").to_pylist())
-        }
+        predictions = {r["image_id"]: (r["boxes"], r["scores"]) for r in rows}
         try:
             summary["quality"] = localisation_quality(predictions, truth)
         except ValueError as exc:

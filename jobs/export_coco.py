@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from dap_ray.data import read_class_map  # noqa: E402
-from dap_ray.export import boxes_to_coco  # noqa: E402
+from dap_ray.export import boxes_to_coco, read_run_config  # noqa: E402
 
 
 def main() -> None:
@@ -25,11 +25,8 @@ def main() -> None:
     args = parser.parse_args()
     try:
         class_map = args.class_map
-        if class_map is None:
-            import yaml
-
-            saved = Path(args.boxes).parent / "config.yaml"
-            class_map = yaml.safe_load(saved.read_text()).get("class_map") if saved.is_file() else None
+        if class_map is None and (Path(args.boxes).parent / "config.yaml").is_file():
+            class_map = read_run_config(args.boxes).get("class_map")
         classes = read_class_map(class_map) if class_map else None
         coco = boxes_to_coco(args.boxes, args.output, classes)
     except (ValueError, FileNotFoundError) as exc:

@@ -14,9 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import cv2  # noqa: E402
-import yaml  # noqa: E402
 
-from dap_ray.export import contact_sheet, read_boxes, sample_images  # noqa: E402
+from dap_ray.export import contact_sheet, read_boxes, read_run_config, sample_images  # noqa: E402
 
 
 def main() -> None:
@@ -28,10 +27,7 @@ def main() -> None:
     parser.add_argument("--no-cam", action="store_true", help="draw boxes only (no classifier needed)")
     args = parser.parse_args()
     try:
-        saved = Path(args.boxes).parent / "config.yaml"
-        if not saved.is_file():
-            raise ValueError(f"{saved} not found: --boxes must be the boxes/ folder of a mining run")
-        config = yaml.safe_load(saved.read_text())
+        config = read_run_config(args.boxes)
         if args.input:
             config["input"] = args.input
         rows = read_boxes(args.boxes)
