@@ -32,7 +32,7 @@ from dap_ray.cam import IMAGENET_MEAN, IMAGENET_STD
 from dap_ray.config import config_to_dict, save_config
 from dap_ray.data import BadImageError, decode_image, list_image_folder
 from dap_ray.models import load_classifier
-from dap_ray.ray_setup import init_ray
+from dap_ray.ray_setup import cpus_per_worker, fit_torch_trainer, init_ray
 
 __all__ = ["ClassifierTrainConfig", "ImageListDataset", "train_classifier"]
 
@@ -273,10 +273,6 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def train_classifier(cfg: ClassifierTrainConfig) -> dict:
     """Train on Ray Train, write ``classifier.pt`` and ``meta.json`` under ``cfg.output``; return the meta."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     # Workers run in other directories: every path they see must be absolute.
     cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()),
                               class_map=str(Path(cfg.class_map).resolve()) if cfg.class_map else None)
@@ -290,32 +286,17 @@ def train_classifier(cfg: ClassifierTrainConfig) -> dict:
     output.mkdir(parents=True, exist_ok=True)
 
     init_ray()
-    cpus_per_worker = cfg.cpus_per_worker
-    if cpus_per_worker is None and not cfg.use_gpu:
-        cpus_per_worker = max(1, int(ray.available_resources().get("CPU", 1)) // cfg.num_workers)
-    resolved = dataclasses.replace(cfg, cpus_per_worker=cpus_per_worker or 1)
+    resolved = dataclasses.replace(cfg, cpus_per_worker=cpus_per_worker(cfg.cpus_per_worker, cfg.use_gpu, cfg.num_workers))
     save_config(resolved, output / "config.yaml")
     print(f"training {cfg.arch} on {len(train_items)} images ({len(val_items)} held out) of "
           f"{len(listing.classes)} classes with {cfg.num_workers} worker(s)", flush=True)
-    storage = Path(cfg.storage_path).resolve() if cfg.storage_path else output / "ray"
-    trainer = TorchTrainer(
+    state = fit_torch_trainer(
         _train_loop,
-        train_loop_config={"config": config_to_dict(resolved), "train_items": train_items, "val_items": val_items,
-                           "num_classes": len(listing.classes)},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                               resources_per_worker=None if cfg.use_gpu else {"CPU": cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name="classifier",
-            storage_path=str(storage),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"training finished without a checkpoint; see the logs under {storage}")
-    with result.checkpoint.as_directory() as directory:
-        state = torch.load(os.path.join(directory, _STATE_FILE), map_location="cpu", weights_only=True)
+        {"config": config_to_dict(resolved), "train_items": train_items, "val_items": val_items,
+         "num_classes": len(listing.classes)},
+        name="classifier", storage=Path(cfg.storage_path).resolve() if cfg.storage_path else output / "ray",
+        num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, cpus=resolved.cpus_per_worker,
+        max_failures=cfg.max_failures, state_file=_STATE_FILE)
     torch.save(state["model"], output / "classifier.pt")
     history = state["history"]
     meta = {

@@ -57,6 +57,8 @@ def run_config_job(cls: type[C], run: typing.Callable[[C], Any], description: st
         run(resolve_config(cls, args))
     except (ValueError, FileNotFoundError) as exc:
         parser.exit(2, f"error: {exc}\n")
+    except RuntimeError as exc:  # a run that failed for a reason of its own (training diverged, ...)
+        parser.exit(1, f"error: {exc}\n")
 
 
 def resolve_config(cls: type[C], args: argparse.Namespace | None = None, **overrides: Any) -> C:

@@ -134,7 +134,7 @@ def load_classifier(
             holding it under ``"state_dict"`` or ``"model"``, and DDP's ``module.``
             prefixes, are accepted), or None to keep the random initialisation.
         num_classes: outputs of the final layer. Default: read from the state dict
-            (its ``fc.weight``) for torchvision names, else 1000. Passed to a factory
+            (its ``fc.weight``), else 1000 for torchvision names. Passed to a factory
             that takes a ``num_classes`` argument.
 
     Returns:
@@ -146,11 +146,11 @@ def load_classifier(
         FileNotFoundError: ``weights`` does not exist.
     """
     state = _read_state_dict(weights) if weights is not None else None
+    fc_weight = (state or {}).get("fc.weight")
     if ":" in spec:
-        model = _from_factory(spec, num_classes)
+        model = _from_factory(spec, num_classes, int(fc_weight.shape[0]) if fc_weight is not None else None)
     elif spec in TORCHVISION_CLASSIFIERS:
         if num_classes is None:
-            fc_weight = (state or {}).get("fc.weight")
             num_classes = int(fc_weight.shape[0]) if fc_weight is not None else 1000
         model = TORCHVISION_CLASSIFIERS[spec](weights=None, num_classes=num_classes)
     else:
@@ -163,7 +163,7 @@ def load_classifier(
     return model.eval()
 
 
-def _from_factory(spec: str, num_classes: int | None) -> nn.Module:
+def _from_factory(spec: str, num_classes: int | None, from_weights: int | None = None) -> nn.Module:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ValueError(f"classifier factory must look like 'package.module:factory', got {spec!r}")
@@ -175,8 +175,11 @@ def _from_factory(spec: str, num_classes: int | None) -> nn.Module:
     if not callable(factory):
         raise ValueError(f"{module_name!r} has no callable {attr!r} (classifier {spec!r})")
     kwargs = {}
+    takes_num_classes = "num_classes" in inspect.signature(factory).parameters
+    if num_classes is None and takes_num_classes:
+        num_classes = from_weights
     if num_classes is not None:
-        if "num_classes" not in inspect.signature(factory).parameters:
+        if not takes_num_classes:
             raise ValueError(f"classifier factory {spec!r} takes no num_classes argument")
         kwargs["num_classes"] = num_classes
     model = factory(**kwargs)

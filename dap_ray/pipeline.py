@@ -23,11 +23,16 @@ from dap_ray.mining import CamBoxStage, MineConfig, decode_and_resize, read_done
 from dap_ray.ray_setup import init_ray
 from dap_ray.sources import list_shards, read_shard
 
-__all__ = ["SAMPLE_SCALES", "embedded_default", "mine"]
+__all__ = ["SAMPLE_SCALES", "embedded_default", "mine", "sample_cache"]
 
 # The sample's 128 px images and 96 px training crops stand to (96, 192) as ImageNet's
 # ~400 px images and 224 px crops stand to the paper's (288, 576).
 SAMPLE_SCALES = (96, 192)
+
+
+def sample_cache(cache: str | Path | None = None) -> Path:
+    """Where the embedded default keeps the sample set, its classifier and its pseudo boxes."""
+    return Path(cache or os.environ.get("DAP_RAY_CACHE", Path.home() / ".cache" / "dap_ray")) / "sample-v1"
 
 
 def embedded_default(cfg: MineConfig, cache: str | Path | None = None) -> MineConfig:
@@ -35,7 +40,7 @@ def embedded_default(cfg: MineConfig, cache: str | Path | None = None) -> MineCo
     from dap_ray.classifier import ClassifierTrainConfig, train_classifier
     from dap_ray.sample import SampleConfig, make_sample_dataset
 
-    cache = Path(cache or os.environ.get("DAP_RAY_CACHE", Path.home() / ".cache" / "dap_ray")) / "sample-v1"
+    cache = sample_cache(cache)
     sample, run = cache / "data", cache / "classifier"
     if not (sample / "gt_boxes.json").is_file():
         print(f"first run: generating the built-in sample set in {sample} (seconds)", flush=True)

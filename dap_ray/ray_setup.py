@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["init_ray"]
+__all__ = ["TrainingFailedError", "cpus_per_worker", "fit_torch_trainer", "init_ray"]
 
 
 def init_ray(**kwargs) -> None:
@@ -24,3 +24,53 @@ def init_ray(**kwargs) -> None:
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
         kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": path}}
     ray.init(**kwargs)
+
+
+class TrainingFailedError(RuntimeError):
+    """A Ray Train run that failed for good; the message says why in a line and where the logs are."""
+
+
+def cpus_per_worker(requested: int | None, use_gpu: bool, num_workers: int) -> int:
+    """CPUs per Ray Train worker: as requested, else (CPU runs) the cluster's free CPUs shared out."""
+    import ray
+
+    if requested is not None or use_gpu:
+        return requested or 1
+    return max(1, int(ray.available_resources().get("CPU", 1)) // num_workers)
+
+
+def fit_torch_trainer(loop, loop_config: dict, *, name: str, storage: Path, num_workers: int, use_gpu: bool,
+                      cpus: int, max_failures: int, state_file: str) -> dict:
+    """Run ``loop`` on a Ray Train (V2) ``TorchTrainer`` and return the last checkpoint's ``state_file``.
+
+    Checkpoints live under ``storage/name``; a later call with the same two resumes from the
+    last one (Train V2 restores the run), and ``FailureConfig(max_failures)`` restarts a
+    failed worker group from it. The two newest checkpoints are kept.
+    """
+    import ray.train
+    import torch
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=None if use_gpu else {"CPU": cpus}),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        first_line = next((line for line in reversed(str(exc).splitlines()) if line.strip()), type(exc).__name__)
+        raise TrainingFailedError(
+            f"training failed ({max_failures} restarts from the last checkpoint did not help): {first_line.strip()}; "
+            f"logs and checkpoints under {storage / name}; the same command resumes from the last checkpoint") from None
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint; see the logs under {storage}")
+    with result.checkpoint.as_directory() as directory:
+        return torch.load(os.path.join(directory, state_file), map_location="cpu", weights_only=True)

@@ -18,7 +18,7 @@ from typing import Iterator
 
 from dap_ray.data import IMAGE_EXTENSIONS, list_image_folder, read_class_map
 
-__all__ = ["FORMATS", "list_shards", "read_shard", "shard_key"]
+__all__ = ["FORMATS", "ImageReader", "list_shards", "read_shard", "shard_key"]
 
 FORMATS = ("folder", "tar", "parquet")
 
@@ -196,3 +196,79 @@ def _read_parquet(shard: dict, index: dict[str, int], skip: set[str]) -> Iterato
             else:
                 data, error = b"", "image column holds neither bytes nor a path"
             yield _record(image_id, label, data, error)
+
+
+class ImageReader:
+    """Encoded bytes of one image by its ``image_id``, for random access during training.
+
+    The ids are those :func:`read_shard` gives: a folder image's path relative to the root,
+    ``TAR::MEMBER`` (TAR relative to the input folder, or the tar's own name when the input
+    is one file), ``FILE::ROW`` (bytes column) or ``FILE::PATH`` (path column, relative to
+    the Parquet file). Open tar files (with their member index) and the last Parquet row
+    group read are kept per process, so readers belong in DataLoader workers, one each.
+
+    Raises ``KeyError`` naming the id when it is not in the input, ``OSError`` when the
+    file cannot be read.
+    """
+
+    def __init__(self, input_path: str | Path, fmt: str, image_column: str = "image", max_open: int = 16):
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown input format {fmt!r}: expected one of {FORMATS}")
+        root = Path(input_path).resolve()
+        if not root.exists():
+            raise ValueError(f"input not found: {root}")
+        self.fmt, self.image_column, self.max_open = fmt, image_column, max_open
+        self.root = root if root.is_dir() or fmt == "folder" else root.parent
+        self._tars: dict[str, tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]] = {}
+        self._row_group: tuple[str, int, list] | None = None
+        self._parquet: dict[str, object] = {}
+
+    def __getstate__(self) -> dict:  # open files stay behind when a reader is sent to a worker
+        return {**self.__dict__, "_tars": {}, "_row_group": None, "_parquet": {}}
+
+    def read(self, image_id: str) -> bytes:
+        if self.fmt == "folder":
+            return (self.root / image_id).read_bytes()
+        name, sep, key = image_id.partition("::")
+        if not sep:
+            raise KeyError(f"image id {image_id!r} is not of the form FILE::KEY ({self.fmt} input)")
+        if self.fmt == "tar":
+            tar, members = self._open_tar(name)
+            if key not in members:
+                raise KeyError(f"{key!r} not found in {name}")
+            return tar.extractfile(members[key]).read()
+        return self._read_parquet(name, key)
+
+    def _open_tar(self, name: str):
+        if name not in self._tars:
+            if len(self._tars) >= self.max_open:
+                oldest = next(iter(self._tars))
+                self._tars.pop(oldest)[0].close()
+            tar = tarfile.open(self.root / name)
+            self._tars[name] = (tar, {info.name: info for info in tar.getmembers() if info.isfile()})
+        return self._tars[name]
+
+    def _read_parquet(self, name: str, key: str) -> bytes:
+        import pyarrow.parquet as pq
+
+        path = self.root / name
+        if name not in self._parquet:
+            self._parquet = {name: pq.ParquetFile(path)}  # one open file: ids come grouped by file often enough
+        parquet = self._parquet[name]
+        if not key.isdigit():
+            return (path.parent / key).read_bytes()
+        row = int(key)
+        metadata = parquet.metadata
+        start = 0
+        for group in range(metadata.num_row_groups):
+            count = metadata.row_group(group).num_rows
+            if row < start + count:
+                if self._row_group is None or self._row_group[:2] != (name, group):
+                    values = parquet.read_row_group(group, columns=[self.image_column]).column(0).to_pylist()
+                    self._row_group = (name, group, values)
+                value = self._row_group[2][row - start]
+                if isinstance(value, str):
+                    return (path.parent / value).read_bytes()
+                return bytes(value)
+            start += count
+        raise KeyError(f"row {row} not found in {name} ({start} rows)")

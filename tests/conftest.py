@@ -61,3 +61,30 @@ def dataset(tmp_path_factory):
     torch.manual_seed(0)
     torch.save(tiny_resnet(num_classes=3).state_dict(), root / "weights.pt")
     return sample, root / "weights.pt"
+
+
+@pytest.fixture(scope="session")
+def pseudo_run(tmp_path_factory):
+    """24 sample images (3 classes, 48 px) whose true boxes stand in for mined ones, two of
+    them without boxes, and random tiny-ResNet classifier weights.
+
+    Returns (boxes folder, sample folder, classifier weights).
+    """
+    from dap_ray.evaluation import load_coco_boxes
+    from dap_ray.sample import SampleConfig, make_sample_dataset
+    from tests.factories import tiny_resnet
+    from tests.helpers import write_pseudo_run
+
+    root = tmp_path_factory.mktemp("pseudo")
+    sample = make_sample_dataset(root / "sample", SampleConfig(num_images=24, num_classes=3, image_size=48, seed=3))
+    truth, sizes = load_coco_boxes(sample / "gt_boxes.json")
+    classes = (sample / "classes.txt").read_text().split()
+    rows = []
+    for k, image_id in enumerate(sorted(truth)):
+        boxes = truth[image_id] if k % 12 else np.zeros((0, 4), np.float32)
+        rows.append({"image_id": image_id, "label": classes.index(image_id.split("/")[0]), "width": sizes[image_id][0],
+                     "height": sizes[image_id][1], "boxes": boxes, "scores": np.linspace(1, 0.5, len(boxes))})
+    boxes_dir = write_pseudo_run(root / "mined", rows, sample / "images", class_map=sample / "classes.txt")
+    torch.manual_seed(0)
+    torch.save(tiny_resnet(num_classes=3).state_dict(), root / "classifier.pt")
+    return boxes_dir, sample, root / "classifier.pt"

@@ -62,3 +62,17 @@ def slow_tiny_resnet(num_classes: int = 7) -> ResNet:
     model = tiny_resnet(num_classes)
     model.layer1 = nn.Sequential(_Pause(0.1), model.layer1)
     return model
+
+
+FAIL_ONCE_MARKER = __import__("pathlib").Path(__import__("tempfile").gettempdir()) / "dap_ray_tests_fail_once"
+
+
+def fail_once_tiny_resnet(num_classes: int = 7) -> ResNet:
+    """tiny_resnet whose first construction (anywhere on this machine) raises: a worker that dies once.
+
+    Delete FAIL_ONCE_MARKER to arm it again.
+    """
+    if not FAIL_ONCE_MARKER.exists():
+        FAIL_ONCE_MARKER.touch()
+        raise RuntimeError("simulated worker failure")
+    return tiny_resnet(num_classes)

@@ -34,3 +34,30 @@ def bad_files(rng: np.random.Generator) -> dict[str, bytes]:
 
 
 BAD_ERRORS = {"corrupt.jpg", "empty.jpg", "text.jpg", "tiny.png"}
+
+
+def write_pseudo_run(output, rows, input_path, fmt="folder", class_map=None):
+    """A mining run's outputs as pretraining reads them: boxes/part-0.parquet and config.yaml.
+
+    ``rows``: dicts with image_id, label, width, height, boxes ((N, 4) xyxy) and scores (N).
+    """
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    from dap_ray.mining import BOXES_SCHEMA
+
+    output = Path(output)
+    (output / "boxes").mkdir(parents=True, exist_ok=True)
+    table = pa.table({
+        "image_id": [r["image_id"] for r in rows], "label": [r["label"] for r in rows],
+        "width": [r["width"] for r in rows], "height": [r["height"] for r in rows],
+        "boxes": [np.asarray(r["boxes"], np.float32).reshape(-1, 4).tolist() for r in rows],
+        "scores": [np.asarray(r["scores"], np.float32).tolist() for r in rows],
+    }, schema=BOXES_SCHEMA)
+    pq.write_table(table, output / "boxes" / "part-0.parquet")
+    (output / "config.yaml").write_text(yaml.safe_dump(
+        {"input": str(input_path), "format": fmt, "class_map": str(class_map) if class_map else None}))
+    return output / "boxes"

@@ -1,0 +1,223 @@
+"""``--backend detectron2``: the same pre-training through detectron2, when it is installed.
+
+detectron2 is not on the package registry (its users build it from source), so this module
+imports it only inside the functions that need it and says how to install it otherwise.
+What can be checked without detectron2 is plain Python here: the pseudo boxes as
+detectron2 dataset dicts (:func:`to_detectron2_dicts`) and a torchvision ResNet state
+dict renamed to detectron2's layout (:func:`torchvision_to_detectron2`, the mapping of
+detectron2's ``tools/convert-torchvision-to-d2.py``).
+
+Training runs detectron2's ``DefaultTrainer`` inside Ray Train workers (Ray Train sets up
+the process group; detectron2's local group is created from Ray's local ranks), with the
+paper's settings: short side drawn from ``min_sizes``, flips, SGD with warm-up. Images are
+read by id through :class:`dap_ray.sources.ImageReader`, so tar and Parquet inputs work
+too. detectron2 keeps its own checkpoints (``model_XXXXXXX.pth`` every
+``checkpoint_every`` iterations under RUN_DIR/detectron2) and resumes from the last one
+when the same command runs again; the result is ``RUN_DIR/detector_final_d2.pth``.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["INSTALL_HINT", "require_detectron2", "to_detectron2_dicts", "torchvision_to_detectron2", "train_detectron2"]
+
+INSTALL_HINT = (
+    "--backend detectron2 needs detectron2, which is not on the package registry: build it from source "
+    "in this environment with `pip install --no-build-isolation 'git+https://github.com/facebookresearch/detectron2.git'` "
+    "(needs a C++ compiler, and nvcc for GPU ops; see https://detectron2.readthedocs.io/en/latest/tutorials/install.html), "
+    "or use --backend torchvision"
+)
+# detectron2's BoxMode.XYXY_ABS, so that the dicts can be built without importing detectron2.
+XYXY_ABS = 0
+_CONFIGS = {"faster_rcnn_fpn": "COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml",
+            "retinanet_fpn": "COCO-Detection/retinanet_R_50_FPN_1x.yaml"}
+_DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101, "resnet152": 152}
+
+
+def require_detectron2():
+    """The ``detectron2`` module, or a ValueError saying how to install it."""
+    try:
+        import detectron2  # noqa: F401
+    except ImportError as exc:
+        raise ValueError(f"{INSTALL_HINT} (import failed: {exc})") from None
+    return detectron2
+
+
+def to_detectron2_dicts(pseudo, input_root: str | Path | None = None, fmt: str = "folder") -> list[dict]:
+    """:class:`dap_ray.detection.PseudoBoxes` as detectron2 dataset dicts.
+
+    ``file_name`` is the image's path for folder inputs (so detectron2's own tools can
+    open it) and its id otherwise; ``image_id`` is always the id; ``category_id`` is the
+    0-based label (detectron2 adds no background class); boxes are ``XYXY_ABS`` lists.
+    """
+    dicts = []
+    for i, image_id in enumerate(pseudo.image_ids):
+        width, height = (int(v) for v in pseudo.sizes[i])
+        label = int(pseudo.labels[i])
+        file_name = str(Path(input_root) / image_id) if fmt == "folder" and input_root is not None else image_id
+        dicts.append({
+            "file_name": file_name, "image_id": image_id, "width": width, "height": height,
+            "annotations": [{"bbox": [float(v) for v in box], "bbox_mode": XYXY_ABS, "category_id": label}
+                            for box in pseudo.boxes_of(i)],
+        })
+    return dicts
+
+
+def torchvision_to_detectron2(state: dict) -> dict[str, np.ndarray]:
+    """A torchvision ResNet state dict renamed to detectron2's ``backbone.bottom_up`` layout.
+
+    Keys as detectron2 loads them with ``matching_heuristics`` (no ``backbone.bottom_up.``
+    prefix; the heuristics add it), values as numpy arrays; ``fc`` is left out.
+    """
+    renamed = {}
+    for key, value in state.items():
+        if key.startswith("fc.") or key.endswith("num_batches_tracked"):
+            continue
+        new = key
+        if new.startswith(("conv1.", "bn1.")):
+            new = "stem." + new
+        new = re.sub(r"^layer(\d)", lambda m: f"res{int(m.group(1)) + 1}", new)
+        new = re.sub(r"bn(\d)", r"conv\1.norm", new)
+        new = new.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
+        renamed[new] = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+    return renamed
+
+
+def _detectron2_config(cfg, num_classes: int, output: Path, weights_file: str | None):
+    from detectron2 import model_zoo
+    from detectron2.config import get_cfg
+
+    d2 = get_cfg()
+    d2.merge_from_file(model_zoo.get_config_file(_CONFIGS[cfg.detector]))
+    d2.MODEL.RESNETS.DEPTH = _DEPTHS[cfg.backbone]
+    if _DEPTHS[cfg.backbone] < 50:
+        d2.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    d2.MODEL.RESNETS.STRIDE_IN_1X1 = False  # torchvision's ResNet puts the stride in the 3x3
+    d2.MODEL.BACKBONE.FREEZE_AT = max(0, 5 - cfg.trainable_layers)
+    d2.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
+    d2.MODEL.RETINANET.NUM_CLASSES = num_classes
+    d2.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = cfg.roi_batch_size_per_image
+    d2.MODEL.WEIGHTS = weights_file or ""
+    d2.MODEL.DEVICE = "cuda" if cfg.use_gpu else "cpu"
+    d2.INPUT.FORMAT = "RGB"
+    d2.MODEL.PIXEL_MEAN = [123.675, 116.28, 103.53]
+    d2.MODEL.PIXEL_STD = [58.395, 57.12, 57.375]
+    d2.INPUT.MIN_SIZE_TRAIN = tuple(cfg.min_sizes)
+    d2.INPUT.MIN_SIZE_TRAIN_SAMPLING = "choice"
+    d2.INPUT.MAX_SIZE_TRAIN = cfg.max_size
+    d2.INPUT.MIN_SIZE_TEST = cfg.min_sizes[-1]
+    d2.DATASETS.TRAIN = ("dap_pseudo_boxes",)
+    d2.DATASETS.TEST = ()
+    d2.DATALOADER.NUM_WORKERS = cfg.loader_workers
+    d2.DATALOADER.ASPECT_RATIO_GROUPING = True
+    d2.SOLVER.IMS_PER_BATCH = cfg.global_batch()
+    d2.SOLVER.BASE_LR = cfg.learning_rate()
+    d2.SOLVER.MOMENTUM = cfg.momentum
+    d2.SOLVER.WEIGHT_DECAY = cfg.weight_decay
+    d2.SOLVER.MAX_ITER = cfg.max_iters
+    d2.SOLVER.STEPS = tuple(int(s * cfg.max_iters) for s in cfg.lr_steps)
+    d2.SOLVER.WARMUP_ITERS = cfg.warmup_iters
+    d2.SOLVER.WARMUP_FACTOR = cfg.warmup_factor
+    d2.SOLVER.CHECKPOINT_PERIOD = cfg.checkpoint_every
+    d2.SOLVER.AMP.ENABLED = cfg.use_gpu
+    d2.SEED = cfg.seed
+    d2.OUTPUT_DIR = str(output / "detectron2")
+    return d2
+
+
+def _train_loop(loop_config: dict) -> None:
+    """Runs on every Ray Train worker: detectron2's DefaultTrainer on this worker's share."""
+    import copy
+
+    import ray.train
+    import torch
+    from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader
+    from detectron2.data import detection_utils as utils
+    from detectron2.data import transforms as T
+    from detectron2.engine import DefaultTrainer
+    from detectron2.utils import comm
+
+    from dap_ray.data import decode_image
+    from dap_ray.detection import load_pseudo_boxes
+    from dap_ray.pretrain import PretrainConfig
+    from dap_ray.sources import ImageReader
+
+    cfg = PretrainConfig(**loop_config["config"])
+    context = ray.train.get_context()
+    if context.get_world_size() > 1:
+        comm.create_local_process_group(context.get_local_world_size())
+    pseudo = load_pseudo_boxes(cfg.boxes, cfg.max_boxes_per_image)
+    dicts = to_detectron2_dicts(pseudo, cfg.input, cfg.format)
+    if "dap_pseudo_boxes" not in DatasetCatalog.list():
+        DatasetCatalog.register("dap_pseudo_boxes", lambda: dicts)
+        MetadataCatalog.get("dap_pseudo_boxes").set(thing_classes=loop_config["classes"])
+    d2 = _detectron2_config(cfg, len(loop_config["classes"]), Path(loop_config["output"]), loop_config["weights_file"])
+    reader = ImageReader(cfg.input, cfg.format, cfg.image_column or "image")
+    augmentations = [T.ResizeShortestEdge(cfg.min_sizes, cfg.max_size, "choice")]
+    if cfg.flip:
+        augmentations.append(T.RandomFlip(horizontal=True))
+
+    def mapper(record: dict) -> dict:
+        record = copy.deepcopy(record)
+        image = decode_image(reader.read(record["image_id"]))
+        image, transforms = T.apply_transform_gens(augmentations, image)
+        record["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        annotations = [utils.transform_instance_annotations(a, transforms, image.shape[:2]) for a in record.pop("annotations")]
+        record["instances"] = utils.filter_empty_instances(utils.annotations_to_instances(annotations, image.shape[:2]))
+        return record
+
+    class Trainer(DefaultTrainer):
+        @classmethod
+        def build_train_loader(cls, config):
+            return build_detection_train_loader(config, mapper=mapper)
+
+    trainer = Trainer(d2)
+    trainer.resume_or_load(resume=True)
+    trainer.train()
+    if comm.is_main_process():
+        torch.save(trainer.model.module.state_dict() if hasattr(trainer.model, "module") else trainer.model.state_dict(),
+                   Path(loop_config["output"]) / "detector_final_d2.pth")
+    ray.train.report({"iterations": cfg.max_iters})
+
+
+def train_detectron2(cfg, pseudo, classes: list[str], output: Path) -> dict:
+    """Pre-train through detectron2 on Ray Train workers; write ``detector_final_d2.pth`` and meta.json."""
+    require_detectron2()
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from dap_ray.config import config_to_dict, save_config
+    from dap_ray.models import load_classifier
+    from dap_ray.ray_setup import init_ray
+
+    if cfg.backbone not in _DEPTHS:
+        raise ValueError(f"--backend detectron2 supports backbones {sorted(_DEPTHS)}, got {cfg.backbone!r}")
+    weights_file = None
+    if cfg.backbone_weights:
+        trunk = load_classifier(cfg.backbone, cfg.backbone_weights)
+        weights_file = str(output / "backbone_d2.pkl")
+        with open(weights_file, "wb") as handle:
+            pickle.dump({"model": torchvision_to_detectron2(trunk.state_dict()), "__author__": "torchvision",
+                         "matching_heuristics": True}, handle)
+    save_config(cfg, output / "config.yaml")
+    init_ray()
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"config": config_to_dict(cfg), "classes": classes, "output": str(output),
+                           "weights_file": weights_file},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+        run_config=ray.train.RunConfig(name="pretrain_detectron2", storage_path=str(output / "ray"),
+                                       failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
+    )
+    trainer.fit()
+    meta = {"backend": "detectron2", "detector": cfg.detector, "backbone": cfg.backbone, "classes": classes,
+            "iterations": cfg.max_iters, "images": len(pseudo), "checkpoint": str(output / "detector_final_d2.pth"),
+            "config": config_to_dict(cfg)}
+    (output / "meta.json").write_text(json.dumps(meta, indent=2))
+    return meta

@@ -1,0 +1,112 @@
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dap_ray.detection import build_detector
+from dap_ray.pretrain import PretrainConfig, _lr_factor, pretrain
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = "tests.factories:tiny_resnet"
+
+
+def small_config(pseudo_run, output, **overrides):
+    boxes_dir, _, weights = pseudo_run
+    values = dict(boxes=str(boxes_dir), output=str(output), backbone=TINY, backbone_weights=str(weights),
+                  num_workers=2, cpus_per_worker=1, loader_workers=0, batch_size=2, max_iters=4, checkpoint_every=2,
+                  warmup_iters=2, lr=0.01, min_sizes=(32, 48), max_size=96, roi_batch_size_per_image=16,
+                  log_every_s=0.0)
+    return PretrainConfig(**(values | overrides))
+
+
+def test_two_workers_pretrain_then_a_rerun_resumes_from_the_checkpoint(pseudo_run, ray_session, tmp_path, capfd):
+    meta = pretrain(small_config(pseudo_run, tmp_path / "run"))
+    assert meta["iterations"] == 4 and meta["num_classes"] == 4 and meta["classes"][0] == "__background__"
+    assert meta["images"] == 22 and meta["skipped_without_boxes"] == 2
+    assert [h["iteration"] for h in meta["history"]] == [2, 4]
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in meta["history"])
+    assert {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg", "lr", "images_per_s"} <= \
+        set(meta["history"][0])
+    state = torch.load(tmp_path / "run" / "detector_final.pt", weights_only=True)
+    build_detector("faster_rcnn_fpn", TINY, 3).load_state_dict(state, strict=True)
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+    capfd.readouterr()
+    meta = pretrain(small_config(pseudo_run, tmp_path / "run", max_iters=6))
+    out = capfd.readouterr()
+    assert "resuming at iteration 4/6" in out.out + out.err
+    assert meta["iterations"] == 6 and [h["iteration"] for h in meta["history"]] == [2, 4, 6]
+
+
+def test_retinanet_pretrains_on_one_worker(pseudo_run, ray_session, tmp_path):
+    meta = pretrain(small_config(pseudo_run, tmp_path / "run", detector="retinanet_fpn", num_workers=1,
+                                 cpus_per_worker=2, max_iters=2))
+    state = torch.load(tmp_path / "run" / "detector_final.pt", weights_only=True)
+    build_detector("retinanet_fpn", TINY, 3).load_state_dict(state, strict=True)
+    assert set(meta["history"][0]) >= {"classification", "bbox_regression"}
+
+
+def test_a_failed_worker_group_is_restarted_and_training_finishes(pseudo_run, ray_session, tmp_path):
+    from tests.factories import FAIL_ONCE_MARKER
+
+    FAIL_ONCE_MARKER.unlink(missing_ok=True)
+    meta = pretrain(small_config(pseudo_run, tmp_path / "run", backbone="tests.factories:fail_once_tiny_resnet",
+                                 num_workers=1, cpus_per_worker=2, max_iters=2, max_failures=1))
+    assert FAIL_ONCE_MARKER.exists() and meta["iterations"] == 2
+
+
+def test_a_diverging_run_stops_with_a_one_line_reason(pseudo_run, ray_session, tmp_path):
+    from dap_ray.ray_setup import TrainingFailedError
+
+    with pytest.raises(TrainingFailedError, match="loss became (nan|inf).*the same command resumes"):
+        pretrain(small_config(pseudo_run, tmp_path / "run", lr=1e8, warmup_iters=0, num_workers=1, cpus_per_worker=2,
+                              max_iters=6, max_failures=0))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(boxes="/nonexistent/boxes"), "not a folder"),
+    (dict(backbone_weights="/nonexistent/classifier.pt"), "backbone weights not found"),
+    (dict(input="/nonexistent/images"), "input not found"),
+    (dict(num_workers=30), "30 workers need more"),
+])
+def test_pretrain_rejects_bad_input_before_training(pseudo_run, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        pretrain(small_config(pseudo_run, tmp_path / "run", **overrides))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(max_iters=0), "max_iters"),
+    (dict(min_sizes=()), "min_sizes"),
+    (dict(lr_steps=(1.5,)), "lr_steps"),
+    (dict(warmup_factor=0.0), "warmup_factor"),
+    (dict(max_boxes_per_image=0), "max_boxes_per_image"),
+])
+def test_config_rejects_bad_values(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        PretrainConfig(**overrides)
+
+
+def test_learning_rate_warms_up_then_steps_down():
+    cfg = PretrainConfig(max_iters=1000, warmup_iters=100, warmup_factor=0.01, lr_steps=(0.5, 0.9), batch_size=4,
+                         num_workers=4)
+    assert cfg.learning_rate() == pytest.approx(0.008 * 16 / 64)
+    assert [round(_lr_factor(cfg, i), 4) for i in (0, 50, 100, 499, 500, 899, 900)] == \
+        [0.01, 0.505, 1.0, 1.0, 0.1, 0.1, 0.01]
+
+
+def test_detectron2_backend_without_detectron2_says_how_to_install(pseudo_run, tmp_path):
+    if importlib.util.find_spec("detectron2") is not None:
+        pytest.skip("detectron2 is installed here: tests/test_detectron2.py trains with it")
+    with pytest.raises(ValueError, match="pip install .*detectron2"):
+        pretrain(small_config(pseudo_run, tmp_path / "run", backend="detectron2"))
+
+
+def test_pretrain_job_help_and_bad_input_exit_cleanly(tmp_path):
+    shown = subprocess.run([sys.executable, "jobs/pretrain.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert shown.returncode == 0 and "--min-sizes" in shown.stdout and "--backbone-weights" in shown.stdout
+    bad = subprocess.run([sys.executable, "jobs/pretrain.py", "--boxes", str(tmp_path / "missing")], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "missing" in bad.stderr and "Traceback" not in bad.stderr
