@@ -24,27 +24,21 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dap_ray.detection import AspectBatchSampler, PseudoBoxDataset, build_detector, collate_detection, load_pseudo_boxes  # noqa: E402
-from dap_ray.pretrain import PretrainConfig, embedded_default, make_optimizer, pretrain, resolve_data, train_step  # noqa: E402
-from dap_ray.sources import ImageReader  # noqa: E402
+from dap_ray.detection import PseudoBoxes  # noqa: E402
+from dap_ray.pretrain import (PretrainConfig, detector_for, embedded_default, make_optimizer, prepare_data,  # noqa: E402
+                              pretrain, train_step, training_loader)
 
 
-def plain_loop(cfg: PretrainConfig, num_classes: int, warmup: int, iters: int) -> tuple[float, list[float]]:
+def plain_loop(cfg: PretrainConfig, pseudo: PseudoBoxes, num_classes: int, warmup: int,
+               iters: int) -> tuple[float, list[float]]:
     """Images/s of iterations warmup..warmup+iters of an in-process loop, overall and per --warmup iterations."""
     device = torch.device("cuda" if cfg.use_gpu else "cpu")
     if not cfg.use_gpu:
         torch.set_num_threads(cfg.cpus_per_worker)
-    pseudo = load_pseudo_boxes(cfg.boxes, cfg.max_boxes_per_image)
     torch.manual_seed(cfg.seed)
-    model = build_detector(cfg.detector, cfg.backbone, num_classes, backbone_weights=cfg.backbone_weights,
-                           trainable_layers=cfg.trainable_layers, min_size=cfg.min_sizes, max_size=cfg.max_size,
-                           roi_batch_size_per_image=cfg.roi_batch_size_per_image).to(device)
+    model = detector_for(cfg, num_classes).to(device)
     optimizer, scheduler = make_optimizer(cfg, model)
-    sampler = AspectBatchSampler(pseudo.sizes, cfg.batch_size, cfg.min_sizes, seed=cfg.seed, flip=cfg.flip)
-    loader = torch.utils.data.DataLoader(PseudoBoxDataset(pseudo, ImageReader(cfg.input, cfg.format), cfg.max_size),
-                                         batch_sampler=sampler, collate_fn=collate_detection,
-                                         num_workers=cfg.loader_workers)
-    batches = iter(loader)
+    batches = iter(training_loader(cfg, pseudo))
     marks = []
     for step in range(warmup + iters + 1):
         if step >= warmup and (step - warmup) % warmup == 0:
@@ -88,13 +82,11 @@ def main() -> None:
                                   warmup_iters=20)
     if args.min_sizes:
         cfg = dataclasses.replace(cfg, min_sizes=tuple(args.min_sizes))
-    cfg, classes = resolve_data(cfg)
-    pseudo = load_pseudo_boxes(cfg.boxes, cfg.max_boxes_per_image)
-    num_classes = max(len(classes), int(pseudo.labels.max()) + 1)
+    cfg, pseudo, classes = prepare_data(cfg)
     print(f"{cfg.detector} {cfg.backbone}, batch {cfg.batch_size}, sizes {cfg.min_sizes}, {args.threads} threads, "
           f"{args.warmup} warm-up + {args.iters} timed iterations", flush=True)
 
-    plain, plain_windows = plain_loop(cfg, num_classes, args.warmup, args.iters)
+    plain, plain_windows = plain_loop(cfg, pseudo, len(classes), args.warmup, args.iters)
     print(f"plain loop: {plain:.2f} images/s", flush=True)
 
     with tempfile.TemporaryDirectory() as directory:

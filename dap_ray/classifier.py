@@ -31,7 +31,7 @@ from torchvision.transforms import v2 as T
 from dap_ray.cam import IMAGENET_MEAN, IMAGENET_STD
 from dap_ray.config import config_to_dict, save_config
 from dap_ray.data import BadImageError, decode_image, list_image_folder
-from dap_ray.models import load_classifier
+from dap_ray.models import load_classifier, unwrap_ddp
 from dap_ray.ray_setup import cpus_per_worker, fit_torch_trainer, init_ray
 
 __all__ = ["ClassifierTrainConfig", "ImageListDataset", "train_classifier"]
@@ -179,7 +179,7 @@ def _train_loop(loop_config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as directory:
             state = torch.load(os.path.join(directory, _STATE_FILE), map_location="cpu", weights_only=True)
-        _unwrap(model).load_state_dict(state["model"])
+        unwrap_ddp(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = state["epoch"] + 1, state["history"]
@@ -246,7 +246,7 @@ def _train_loop(loop_config: dict) -> None:
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if rank == 0:
-                torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                torch.save({"model": unwrap_ddp(model).state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history}, os.path.join(directory, _STATE_FILE))
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=checkpoint)
@@ -265,10 +265,6 @@ def _evaluate(model, loader, device, autocast) -> tuple[int, int]:
             correct += int((logits.argmax(1).cpu() == labels).sum())
             seen += len(labels)
     return correct, seen
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
 
 
 def train_classifier(cfg: ClassifierTrainConfig) -> dict:

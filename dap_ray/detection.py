@@ -28,12 +28,11 @@ import torch
 from torch import nn
 
 __all__ = [
-    "BACKBONE_TRUNK_PREFIX", "DETECTORS", "AspectBatchSampler", "PseudoBoxDataset", "PseudoBoxes",
+    "DETECTORS", "AspectBatchSampler", "PseudoBoxDataset", "PseudoBoxes",
     "build_detector", "collate_detection", "detector_state_dict", "load_pseudo_boxes", "resize_with_boxes",
 ]
 
 DETECTORS = ("faster_rcnn_fpn", "retinanet_fpn")
-BACKBONE_TRUNK_PREFIX = "backbone.body."
 # torchvision's create_aspect_ratio_groups(k=3): width/height bins 2**linspace(-1, 1, 7).
 _ASPECT_EDGES = 2.0 ** np.linspace(-1, 1, 7)
 
@@ -83,7 +82,7 @@ def build_detector(
     if not isinstance(trunk, ResNet):
         raise ValueError(f"backbone {backbone!r} is a {type(trunk).__name__}; detectors need a torchvision ResNet")
     _freeze_batch_norm(trunk)
-    trained = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers] + (["bn1"] if trainable_layers == 5 else [])
+    trained = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]  # frozen BatchNorm has no parameters
     for name, parameter in trunk.named_parameters():
         parameter.requires_grad_(any(name.startswith(layer) for layer in trained))
     stage2 = trunk.inplanes // 8  # torchvision's rule: layer4's channels / 8 are layer1's
@@ -127,7 +126,9 @@ def detector_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    model = model.module if hasattr(model, "module") else model
+    from dap_ray.models import unwrap_ddp
+
+    model = unwrap_ddp(model)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     for name, module in model.named_modules():
         if isinstance(module, FrozenBatchNorm2d):

@@ -145,6 +145,7 @@ def _train_loop(loop_config: dict) -> None:
 
     from dap_ray.data import decode_image
     from dap_ray.detection import load_pseudo_boxes
+    from dap_ray.models import unwrap_ddp
     from dap_ray.pretrain import PretrainConfig
     from dap_ray.sources import ImageReader
 
@@ -181,20 +182,16 @@ def _train_loop(loop_config: dict) -> None:
     trainer.resume_or_load(resume=True)
     trainer.train()
     if comm.is_main_process():
-        torch.save(trainer.model.module.state_dict() if hasattr(trainer.model, "module") else trainer.model.state_dict(),
-                   Path(loop_config["output"]) / "detector_final_d2.pth")
+        torch.save(unwrap_ddp(trainer.model).state_dict(), Path(loop_config["output"]) / "detector_final_d2.pth")
     ray.train.report({"iterations": cfg.max_iters})
 
 
 def train_detectron2(cfg, pseudo, classes: list[str], output: Path) -> dict:
     """Pre-train through detectron2 on Ray Train workers; write ``detector_final_d2.pth`` and meta.json."""
     require_detectron2()
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     from dap_ray.config import config_to_dict, save_config
     from dap_ray.models import load_classifier
-    from dap_ray.ray_setup import init_ray
+    from dap_ray.ray_setup import cpus_per_worker, fit_torch_trainer, init_ray
 
     if cfg.backbone not in _DEPTHS:
         raise ValueError(f"--backend detectron2 supports backbones {sorted(_DEPTHS)}, got {cfg.backbone!r}")
@@ -207,15 +204,13 @@ def train_detectron2(cfg, pseudo, classes: list[str], output: Path) -> dict:
                          "matching_heuristics": True}, handle)
     save_config(cfg, output / "config.yaml")
     init_ray()
-    trainer = TorchTrainer(
+    fit_torch_trainer(  # detectron2 keeps its own checkpoints under RUN_DIR/detectron2
         _train_loop,
-        train_loop_config={"config": config_to_dict(cfg), "classes": classes, "output": str(output),
-                           "weights_file": weights_file},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
-        run_config=ray.train.RunConfig(name="pretrain_detectron2", storage_path=str(output / "ray"),
-                                       failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
-    )
-    trainer.fit()
+        {"config": config_to_dict(cfg), "classes": classes, "output": str(output), "weights_file": weights_file},
+        name="pretrain_detectron2", storage=Path(cfg.storage_path).resolve() if cfg.storage_path else output / "ray",
+        num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+        cpus=cpus_per_worker(cfg.cpus_per_worker, cfg.use_gpu, cfg.num_workers), max_failures=cfg.max_failures,
+        state_file=None)
     meta = {"backend": "detectron2", "detector": cfg.detector, "backbone": cfg.backbone, "classes": classes,
             "iterations": cfg.max_iters, "images": len(pseudo), "checkpoint": str(output / "detector_final_d2.pth"),
             "config": config_to_dict(cfg)}

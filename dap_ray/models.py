@@ -122,6 +122,11 @@ def as_cam_model(model: nn.Module) -> nn.Module:
     )
 
 
+def unwrap_ddp(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
 def load_classifier(
     spec: str, weights: str | Path | None = None, *, num_classes: int | None = None
 ) -> nn.Module:

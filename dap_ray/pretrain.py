@@ -27,9 +27,13 @@ from typing import Literal
 import torch
 
 from dap_ray.config import config_to_dict, save_config
+from dap_ray.detection import (AspectBatchSampler, PseudoBoxDataset, PseudoBoxes, build_detector, collate_detection,
+                               detector_state_dict, load_pseudo_boxes)
+from dap_ray.models import unwrap_ddp
 from dap_ray.ray_setup import cpus_per_worker, fit_torch_trainer, init_ray
 
-__all__ = ["SAMPLE_MIN_SIZES", "PretrainConfig", "embedded_default", "make_optimizer", "pretrain", "resolve_data", "train_step"]
+__all__ = ["SAMPLE_MIN_SIZES", "PretrainConfig", "detector_for", "embedded_default", "make_optimizer", "prepare_data",
+           "pretrain", "train_step", "training_loader"]
 
 _STATE_FILE = "state.pt"
 # The sample's images are about a third of ImageNet's, as SAMPLE_SCALES are a third of (288, 576).
@@ -143,8 +147,12 @@ def embedded_default(cfg: PretrainConfig, cache: str | Path | None = None) -> Pr
     return dataclasses.replace(cfg, boxes=str(mined / "boxes"), **small)
 
 
-def resolve_data(cfg: PretrainConfig) -> tuple[PretrainConfig, list[str]]:
-    """Fill input, format, image column and class map from the mining run; absolute paths; classes."""
+def prepare_data(cfg: PretrainConfig) -> tuple[PretrainConfig, PseudoBoxes, list[str]]:
+    """``cfg`` with input, format, image column and class map filled from the mining run and
+    paths made absolute; the pseudo boxes; one name per class (``class_k`` past the class map).
+
+    Raises ValueError for missing files, too few images for the workers, or labels beyond the class map.
+    """
     from dap_ray.data import read_class_map
     from dap_ray.export import read_run_config
 
@@ -165,7 +173,14 @@ def resolve_data(cfg: PretrainConfig) -> tuple[PretrainConfig, list[str]]:
         raise ValueError(f"backbone weights not found: {cfg.backbone_weights}")
     if not Path(cfg.input).exists():
         raise ValueError(f"input not found: {cfg.input}")
-    return cfg, read_class_map(cfg.class_map) if cfg.class_map else []
+    classes = read_class_map(cfg.class_map) if cfg.class_map else []
+    pseudo = load_pseudo_boxes(cfg.boxes, cfg.max_boxes_per_image)
+    if len(pseudo) < cfg.num_workers:
+        raise ValueError(f"{cfg.boxes} holds {len(pseudo)} images with boxes; {cfg.num_workers} workers need more")
+    num_classes = max(len(classes), int(pseudo.labels.max()) + 1)
+    if classes and num_classes > len(classes):
+        raise ValueError(f"labels go up to {num_classes - 1} but the class map {cfg.class_map} has {len(classes)} classes")
+    return cfg, pseudo, classes or [f"class_{k}" for k in range(num_classes)]
 
 
 def _lr_factor(cfg: PretrainConfig, iteration: int) -> float:
@@ -175,6 +190,26 @@ def _lr_factor(cfg: PretrainConfig, iteration: int) -> float:
         alpha = iteration / cfg.warmup_iters
         factor *= cfg.warmup_factor * (1 - alpha) + alpha
     return factor
+
+
+def detector_for(cfg: PretrainConfig, num_classes: int) -> torch.nn.Module:
+    """:func:`dap_ray.detection.build_detector` with ``cfg``'s detector, trunk and sizes."""
+    return build_detector(cfg.detector, cfg.backbone, num_classes, backbone_weights=cfg.backbone_weights,
+                          trainable_layers=cfg.trainable_layers, min_size=cfg.min_sizes, max_size=cfg.max_size,
+                          roi_batch_size_per_image=cfg.roi_batch_size_per_image)
+
+
+def training_loader(cfg: PretrainConfig, pseudo: PseudoBoxes, rank: int = 0, world: int = 1,
+                    start: int = 0) -> torch.utils.data.DataLoader:
+    """This rank's endless DataLoader of batches from batch ``start`` on (see AspectBatchSampler)."""
+    from dap_ray.sources import ImageReader
+
+    sampler = AspectBatchSampler(pseudo.sizes, cfg.batch_size, cfg.min_sizes, rank=rank, world=world, seed=cfg.seed,
+                                 start=start, flip=cfg.flip)
+    reader = ImageReader(cfg.input, cfg.format, cfg.image_column or "image")
+    return torch.utils.data.DataLoader(PseudoBoxDataset(pseudo, reader, cfg.max_size), batch_sampler=sampler,
+                      collate_fn=collate_detection, num_workers=cfg.loader_workers,
+                      persistent_workers=cfg.loader_workers > 0)
 
 
 def make_optimizer(cfg: PretrainConfig, model: torch.nn.Module):
@@ -189,7 +224,7 @@ def train_step(model: torch.nn.Module, batch: list[dict], optimizer, scheduler, 
 
     A non-finite loss is returned, not stepped on. bf16 autocast on CUDA.
     """
-    detector = model.module if hasattr(model, "module") else model
+    detector = unwrap_ddp(model)
     images = [s["image"].to(device, non_blocking=True).float().div_(255) for s in batch]
     targets = [{"boxes": s["boxes"].to(device), "labels": s["labels"].to(device)} for s in batch]
     # The loader resized the batch to one short side; the model's own resize becomes a no-op.
@@ -212,11 +247,6 @@ def _train_loop(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
-    from torch.utils.data import DataLoader
-
-    from dap_ray.detection import (AspectBatchSampler, PseudoBoxDataset, build_detector, collate_detection,
-                                   detector_state_dict, load_pseudo_boxes)
-    from dap_ray.sources import ImageReader
 
     cfg = PretrainConfig(**loop_config["config"])
     context = ray.train.get_context()
@@ -227,11 +257,8 @@ def _train_loop(loop_config: dict) -> None:
 
     pseudo = load_pseudo_boxes(cfg.boxes, cfg.max_boxes_per_image)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_detector(cfg.detector, cfg.backbone, loop_config["num_classes"], backbone_weights=cfg.backbone_weights,
-                           trainable_layers=cfg.trainable_layers, min_size=cfg.min_sizes, max_size=cfg.max_size,
-                           roi_batch_size_per_image=cfg.roi_batch_size_per_image)
-    model = ray.train.torch.prepare_model(model)
-    detector = model.module if hasattr(model, "module") else model
+    model = ray.train.torch.prepare_model(detector_for(cfg, loop_config["num_classes"]))
+    detector = unwrap_ddp(model)
     optimizer, scheduler = make_optimizer(cfg, model)
 
     start, history = 0, []
@@ -250,12 +277,7 @@ def _train_loop(loop_config: dict) -> None:
     else:
         torch.manual_seed(cfg.seed + 1 + rank)  # proposal sampling differs between ranks
 
-    sampler = AspectBatchSampler(pseudo.sizes, cfg.batch_size, cfg.min_sizes, rank=rank, world=world, seed=cfg.seed,
-                                 start=start, flip=cfg.flip)
-    reader = ImageReader(cfg.input, cfg.format, cfg.image_column or "image")
-    loader = DataLoader(PseudoBoxDataset(pseudo, reader, cfg.max_size), batch_sampler=sampler,
-                        collate_fn=collate_detection, num_workers=cfg.loader_workers,
-                        persistent_workers=cfg.loader_workers > 0)
+    loader = training_loader(cfg, pseudo, rank, world, start)
     model.train()
     window: dict[str, float] = {}
     window_images, window_iters = 0, 0
@@ -268,7 +290,7 @@ def _train_loop(loop_config: dict) -> None:
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss became {loss} at iteration {iteration} (rank {rank}): {losses}")
         for key, value in losses.items():
-            window[key] = window.get(key, 0.0) + float(value)
+            window[key] = window.get(key, 0.0) + value
         window["loss"] = window.get("loss", 0.0) + loss
         window_images += len(batch)
         window_iters += 1
@@ -305,17 +327,10 @@ def _train_loop(loop_config: dict) -> None:
 
 def pretrain(cfg: PretrainConfig) -> dict:
     """Run Step 3 and return the meta written to ``cfg.output/meta.json``."""
-    from dap_ray.detection import load_pseudo_boxes
-
     if cfg.boxes is None:
         cfg = embedded_default(cfg)
-    cfg, classes = resolve_data(cfg)
-    pseudo = load_pseudo_boxes(cfg.boxes, cfg.max_boxes_per_image)
-    if len(pseudo) < cfg.num_workers:
-        raise ValueError(f"{cfg.boxes} holds {len(pseudo)} images with boxes; {cfg.num_workers} workers need more")
-    num_classes = max(len(classes), int(pseudo.labels.max()) + 1)
-    if classes and num_classes > len(classes):
-        raise ValueError(f"labels go up to {num_classes - 1} but the class map {cfg.class_map} has {len(classes)} classes")
+    cfg, pseudo, classes = prepare_data(cfg)
+    num_classes = len(classes)
     if cfg.backbone_weights is None:
         print("warning: no --backbone-weights: the backbone starts at random (DAP starts from the Step 1 classifier)",
               flush=True)
@@ -324,7 +339,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     if cfg.backend == "detectron2":
         from dap_ray.detectron2_backend import train_detectron2
 
-        return train_detectron2(cfg, pseudo, classes or [f"class_{k}" for k in range(num_classes)], output)
+        return train_detectron2(cfg, pseudo, classes, output)
 
     init_ray()
     resolved = dataclasses.replace(cfg, cpus_per_worker=cpus_per_worker(cfg.cpus_per_worker, cfg.use_gpu, cfg.num_workers),
@@ -346,7 +361,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         "backbone": cfg.backbone,
         "backbone_weights": cfg.backbone_weights,
         "num_classes": num_classes + 1,
-        "classes": ["__background__"] + (classes or [f"class_{k}" for k in range(num_classes)]),
+        "classes": ["__background__"] + classes,
         "iterations": state["iteration"],
         "images": len(pseudo),
         "pseudo_boxes": int(len(pseudo.boxes)),

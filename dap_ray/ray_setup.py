@@ -40,8 +40,9 @@ def cpus_per_worker(requested: int | None, use_gpu: bool, num_workers: int) -> i
 
 
 def fit_torch_trainer(loop, loop_config: dict, *, name: str, storage: Path, num_workers: int, use_gpu: bool,
-                      cpus: int, max_failures: int, state_file: str) -> dict:
-    """Run ``loop`` on a Ray Train (V2) ``TorchTrainer`` and return the last checkpoint's ``state_file``.
+                      cpus: int, max_failures: int, state_file: str | None) -> dict:
+    """Run ``loop`` on a Ray Train (V2) ``TorchTrainer`` and return the last checkpoint's ``state_file``
+    (``state_file=None``: a loop that keeps its own checkpoints; returns an empty dict).
 
     Checkpoints live under ``storage/name``; a later call with the same two resumes from the
     last one (Train V2 restores the run), and ``FailureConfig(max_failures)`` restarts a
@@ -70,6 +71,8 @@ def fit_torch_trainer(loop, loop_config: dict, *, name: str, storage: Path, num_
         raise TrainingFailedError(
             f"training failed ({max_failures} restarts from the last checkpoint did not help): {first_line.strip()}; "
             f"logs and checkpoints under {storage / name}; the same command resumes from the last checkpoint") from None
+    if state_file is None:
+        return {}
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint; see the logs under {storage}")
     with result.checkpoint.as_directory() as directory:
