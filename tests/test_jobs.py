@@ -22,6 +22,18 @@ def mine_args(dataset, output, *extra):
             "--output", str(output), *extra]
 
 
+def kill_session(sid):
+    """SIGKILL every process in session ``sid`` (a driver started with ``start_new_session``): Ray
+    gives each worker a process group of its own, so killing the driver's group would leave
+    workers that can still finish a write after the kill."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[3]) == sid:
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
+
+
 def written_ids(output):
     files = sorted((output / "boxes").glob("*.parquet")) + sorted((output / "errors").glob("*.parquet"))
     return [i for f in files for i in pq.read_table(f, columns=["image_id"]).column(0).to_pylist()]
@@ -36,7 +48,7 @@ def test_mine_job_killed_then_rerun_resumes_and_writes_each_image_once(dataset, 
     while time.time() < deadline and not list((output / "boxes").glob("*.parquet")) and first.poll() is None:
         time.sleep(0.2)
     assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-    os.killpg(first.pid, signal.SIGKILL)
+    kill_session(first.pid)
     first.wait()
     partial = len(written_ids(output))
     assert 0 < partial < 38

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dap_ray.boxes import BoxConfig
-from dap_ray.mining import BOXES_SCHEMA, CamBoxStage, MineConfig, decode_and_resize, read_done_ids, write_results
+from dap_ray.mining import (BOXES_SCHEMA, CamBoxStage, MineConfig, decode_and_resize, pool_problem, read_done_ids,
+                            resolve_actor_pool, write_results)
 from tests.helpers import BAD_ERRORS, bad_files, encode, photo
 
 SCALES = (32, 64)
@@ -82,11 +83,39 @@ def test_write_is_whole_named_by_content_and_idempotent(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [(dict(actors=(2, 1)), "actors"), (dict(scales=()), "scales"), (dict(batch_size=0), "batch_size"),
-     (dict(thresholds=(1.5,)), "thresholds"), (dict(preset="x"), "unknown preset"), (dict(limit=0), "limit")],
+     (dict(thresholds=(1.5,)), "thresholds"), (dict(preset="x"), "unknown preset"), (dict(limit=0), "limit"),
+     (dict(cpus_per_actor=-1), "cpus_per_actor"), (dict(torch_threads=0), "torch_threads")],
 )
 def test_bad_mine_options_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MineConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("options", "node_cpus", "shards", "actors", "cpus", "threads"),
+    [
+        (dict(), 1, None, (1, 1), 0.0, 1),  # a one-CPU node: the actor reserves none, the tasks get the CPU
+        (dict(), 2, None, (2, 2), 0.5, 1),
+        (dict(), 3, None, (2, 2), 1.0, 1),
+        (dict(), 16, None, (2, 2), 7.5, 8),
+        (dict(), 16, 1, (1, 1), 15.0, 16),  # one input shard: one actor
+        (dict(actors=(1, 4)), 8, None, (1, 4), 1.75, 2),
+        (dict(cpus_per_actor=1.0), 2, None, (1, 1), 1.0, 2),
+        (dict(cpus_per_actor=2.0, torch_threads=3), 16, None, (2, 2), 2.0, 3),
+        (dict(num_gpus_per_actor=1.0), 16, None, (1, 1), 1.0, None),
+        (dict(num_gpus_per_actor=0.5, actors=(2, 8), cpus_per_actor=4.0), 16, 1, (2, 8), 4.0, None),
+    ],
+)
+def test_actor_pool_defaults_leave_a_cpu_for_the_tasks(options, node_cpus, shards, actors, cpus, threads):
+    cfg = resolve_actor_pool(MineConfig(**options), node_cpus, shards)
+    assert (cfg.actors, cfg.cpus_per_actor, cfg.torch_threads) == (actors, cpus, threads)
+    assert pool_problem(cfg, node_cpus) is None
+
+
+def test_a_pool_that_would_hold_every_cpu_is_named():
+    cfg = resolve_actor_pool(MineConfig(actors=(2, 2), cpus_per_actor=1.0), 2)
+    assert "--actors or --cpus-per-actor" in pool_problem(cfg, 2)
+    assert pool_problem(cfg, 4) is None
 
 
 def test_box_config_follows_the_largest_scale():

@@ -129,6 +129,11 @@ def test_tar_and_parquet_inputs_give_the_folder_boxes(folder_run, dataset, tmp_p
         np.testing.assert_allclose(pq_rows[f"part-0.parquet::{k}"]["boxes"], expected[image_id]["boxes"], atol=1e-3)
 
 
+def test_a_pool_holding_every_cpu_is_refused_before_it_waits_forever(ray_session, dataset, tmp_path):
+    with pytest.raises(ValueError, match="--actors or --cpus-per-actor"):
+        mine(config(dataset, tmp_path / "out", actors=(2, 2), cpus_per_actor=1.0))
+
+
 def test_limit_mines_at_most_that_many(ray_session, dataset, tmp_path):
     summary = mine(config(dataset, tmp_path / "out", limit=5))
     assert summary["images"] + summary["errors"] == 5
