@@ -3,9 +3,10 @@
 Stages: read shards (tasks) -> decode and resize to each CAM scale (CPU tasks; on CPU-only
 runs Ray Data fuses them into the model actors) -> CAMs and boxes
 (:class:`dap_ray.mining.CamBoxStage` on an actor pool, GPU or CPU, sized by
-:func:`dap_ray.mining.resolve_actor_pool`) -> write Parquet (tasks). Resume: outputs are written per batch, each file whole and named
-after its images, and a rerun skips every image already in ``boxes/`` or ``errors/``; so a
-rerun after a killed driver writes exactly the images that were missing.
+:func:`dap_ray.mining.resolve_actor_pool`) -> write Parquet (tasks). Resume: outputs are
+written per batch, each file whole and named after its images, and a rerun skips every
+image already in ``boxes/`` or ``errors/``; so a rerun after a killed driver writes exactly
+the images that were missing.
 """
 
 from __future__ import annotations
