@@ -1,7 +1,7 @@
 """End-to-end mining speed and memory on CPU: jobs/mine.py against an in-process loop doing
 the same decode, resize, CAM and box work on the same images, in the same run.
 
-    python benchmarks/bench_mine.py [--images 400] [--arch resnet18] [--scales 96 192]
+    python benchmarks/bench_mine.py [--images 600] [--arch resnet18] [--scales 96 192]
 
 Prints images/s of the in-process loop (on the N images), of the pipeline alone (the job's
 summary: Ray running, from the first read to the last write) and of the whole command
@@ -107,7 +107,7 @@ def run_job(root: Path, arch: str, weights: Path, scales, batch: int, output: Pa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=400)
+    parser.add_argument("--images", type=int, default=600)
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--scales", type=int, nargs="+", default=[96, 192])
     parser.add_argument("--batch-size", type=int, default=32)
