@@ -32,7 +32,7 @@ from dap_ray.cam import IMAGENET_MEAN, IMAGENET_STD
 from dap_ray.config import config_to_dict, save_config
 from dap_ray.data import BadImageError, decode_image, list_image_folder
 from dap_ray.models import load_classifier, unwrap_ddp
-from dap_ray.ray_setup import cpus_per_worker, fit_torch_trainer, init_ray
+from dap_ray.ray_setup import cpus_per_worker, fit_torch_trainer, init_ray, train_worker_rank
 
 __all__ = ["ClassifierTrainConfig", "ImageListDataset", "train_classifier"]
 
@@ -140,10 +140,7 @@ def _train_loop(loop_config: dict) -> None:
     import ray.train.torch
 
     cfg = ClassifierTrainConfig(**loop_config["config"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    if not cfg.use_gpu and cfg.cpus_per_worker:
-        torch.set_num_threads(cfg.cpus_per_worker)
+    rank, world = train_worker_rank(cfg.use_gpu, cfg.cpus_per_worker)
     torch.manual_seed(cfg.seed + rank)
 
     train_tf, val_tf = _transforms(cfg.image_size, cfg.crop_scale_min)

@@ -30,7 +30,7 @@ from dap_ray.config import config_to_dict, save_config
 from dap_ray.detection import (AspectBatchSampler, PseudoBoxDataset, PseudoBoxes, build_detector, collate_detection,
                                detector_state_dict, load_pseudo_boxes)
 from dap_ray.models import unwrap_ddp
-from dap_ray.ray_setup import cpus_per_worker, fit_torch_trainer, init_ray
+from dap_ray.ray_setup import cpus_per_worker, fit_torch_trainer, init_ray, train_worker_rank
 
 __all__ = ["SAMPLE_MIN_SIZES", "PretrainConfig", "detector_for", "embedded_default", "make_optimizer", "prepare_data",
            "pretrain", "train_step", "training_loader"]
@@ -249,10 +249,7 @@ def _train_loop(loop_config: dict) -> None:
     import torch.distributed as dist
 
     cfg = PretrainConfig(**loop_config["config"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    if not cfg.use_gpu and cfg.cpus_per_worker:
-        torch.set_num_threads(cfg.cpus_per_worker)
+    rank, world = train_worker_rank(cfg.use_gpu, cfg.cpus_per_worker)
     device = ray.train.torch.get_device()
 
     pseudo = load_pseudo_boxes(cfg.boxes, cfg.max_boxes_per_image)

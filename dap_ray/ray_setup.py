@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["TrainingFailedError", "cpus_per_worker", "fit_torch_trainer", "init_ray"]
+__all__ = ["TrainingFailedError", "cpus_per_worker", "fit_torch_trainer", "init_ray", "train_worker_rank"]
 
 
 def init_ray(**kwargs) -> None:
@@ -37,6 +37,21 @@ def cpus_per_worker(requested: int | None, use_gpu: bool, num_workers: int) -> i
     if requested is not None or use_gpu:
         return requested or 1
     return max(1, int(ray.available_resources().get("CPU", 1)) // num_workers)
+
+
+def train_worker_rank(use_gpu: bool, cpus_per_worker: int | None) -> tuple[int, int]:
+    """Inside a Ray Train worker: its (world rank, world size).
+
+    A CPU worker runs as many torch threads as the CPUs it reserved; torch would otherwise
+    take every core of the node, once per worker.
+    """
+    import ray.train
+    import torch
+
+    context = ray.train.get_context()
+    if not use_gpu and cpus_per_worker:
+        torch.set_num_threads(cpus_per_worker)
+    return context.get_world_rank(), context.get_world_size()
 
 
 def fit_torch_trainer(loop, loop_config: dict, *, name: str, storage: Path, num_workers: int, use_gpu: bool,
