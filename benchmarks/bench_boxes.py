@@ -21,8 +21,8 @@ import time  # noqa: E402
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dap_ray.boxes import BoxConfig, cam_to_boxes, cam_to_boxes_batch  # noqa: E402
-from dap_ray.boxes_reference import cam_to_boxes_reference  # noqa: E402
+from dap_ray.localisation.boxes import BoxConfig, cam_to_boxes, cam_to_boxes_batch  # noqa: E402
+from dap_ray.localisation.boxes_reference import cam_to_boxes_reference  # noqa: E402
 
 
 def cam_like_maps(count: int, shape=(18, 24), seed: int = 0) -> list[np.ndarray]:

@@ -27,11 +27,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dap_ray.boxes import BoxConfig, cam_to_boxes_batch  # noqa: E402
-from dap_ray.cam import CamExtractor  # noqa: E402
-from dap_ray.data import decode_image, list_image_folder  # noqa: E402
-from dap_ray.models import load_classifier  # noqa: E402
-from dap_ray.sample import SampleConfig, make_sample_dataset  # noqa: E402
+from dap_ray.data.images import decode_image, list_image_folder  # noqa: E402
+from dap_ray.data.sample import SampleConfig, make_sample_dataset  # noqa: E402
+from dap_ray.localisation.boxes import BoxConfig, cam_to_boxes_batch  # noqa: E402
+from dap_ray.localisation.cam import CamExtractor  # noqa: E402
+from dap_ray.models.classifiers import load_classifier  # noqa: E402
 
 
 def tree_memory(root_pid: int) -> int:

@@ -24,9 +24,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dap_ray.detection import PseudoBoxes  # noqa: E402
-from dap_ray.pretrain import (PretrainConfig, detector_for, embedded_default, make_optimizer, prepare_data,  # noqa: E402
-                              pretrain, train_step, training_loader)
+from dap_ray.data.pseudo_boxes import PseudoBoxes  # noqa: E402
+from dap_ray.steps.embedded import pretrain_defaults  # noqa: E402
+from dap_ray.steps.pretrain import PretrainConfig, prepare_data, pretrain  # noqa: E402
+from dap_ray.steps.pretrain.torchvision_backend import (  # noqa: E402
+    detector_for,
+    make_optimizer,
+    train_step,
+    training_loader,
+)
 
 
 def plain_loop(cfg: PretrainConfig, pseudo: PseudoBoxes, num_classes: int, warmup: int,
@@ -75,7 +81,7 @@ def main() -> None:
                          roi_batch_size_per_image=args.roi_batch_size_per_image, max_iters=args.warmup + args.iters,
                          checkpoint_every=args.warmup, log_every_s=1e9)
     if cfg.boxes is None:
-        cfg = embedded_default(cfg)
+        cfg = pretrain_defaults(cfg)
         cfg = dataclasses.replace(cfg, num_workers=1, batch_size=args.batch_size, loader_workers=0,
                                   max_iters=args.warmup + args.iters, checkpoint_every=args.warmup,
                                   roi_batch_size_per_image=args.roi_batch_size_per_image, lr=0.005,

@@ -48,13 +48,19 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> argparse
     return parser
 
 
-def run_config_job(cls: type[C], run: typing.Callable[[C], Any], description: str | None) -> None:
-    """A job's whole ``main``: flags from ``cls``, then ``run(config)``; bad input exits 2 with its message."""
+def run_config_job(cls: type[C], run: typing.Callable[[C], Any], description: str | None,
+                   defaults: typing.Callable[[C], C] | None = None) -> None:
+    """A job's whole ``main``: flags from ``cls``, then ``run(defaults(config))``; bad input exits 2 with its message.
+
+    ``defaults`` fills in what the user left out (the jobs pass the embedded default's,
+    :mod:`dap_ray.steps.embedded`).
+    """
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, cls)
     args = parser.parse_args()
     try:
-        run(resolve_config(cls, args))
+        config = resolve_config(cls, args)
+        run(defaults(config) if defaults else config)
     except (ValueError, FileNotFoundError) as exc:
         parser.exit(2, f"error: {exc}\n")
     except RuntimeError as exc:  # a run that failed for a reason of its own (training diverged, ...)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dap_ray.data import read_class_map  # noqa: E402
-from dap_ray.export import boxes_to_coco, read_run_config  # noqa: E402
+from dap_ray.data.export import boxes_to_coco, read_run_config  # noqa: E402
+from dap_ray.data.images import read_class_map  # noqa: E402
 
 
 def main() -> None:

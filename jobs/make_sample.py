@@ -11,7 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from dap_ray.config import add_config_arguments, resolve_config  # noqa: E402
-from dap_ray.sample import SampleConfig, make_sample_dataset  # noqa: E402
+from dap_ray.data.sample import SampleConfig, make_sample_dataset  # noqa: E402
 
 
 def main() -> None:

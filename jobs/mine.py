@@ -15,8 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from dap_ray.config import run_config_job  # noqa: E402
-from dap_ray.mining import MineConfig  # noqa: E402
-from dap_ray.pipeline import mine  # noqa: E402
+from dap_ray.steps.embedded import mine_defaults  # noqa: E402
+from dap_ray.steps.mine import MineConfig, mine  # noqa: E402
 
 if __name__ == "__main__":
-    run_config_job(MineConfig, mine, __doc__)
+    run_config_job(MineConfig, mine, __doc__, defaults=mine_defaults)

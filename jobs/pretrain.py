@@ -19,7 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from dap_ray.config import run_config_job  # noqa: E402
-from dap_ray.pretrain import PretrainConfig, pretrain  # noqa: E402
+from dap_ray.steps.embedded import pretrain_defaults  # noqa: E402
+from dap_ray.steps.pretrain import PretrainConfig, pretrain  # noqa: E402
 
 if __name__ == "__main__":
-    run_config_job(PretrainConfig, pretrain, __doc__)
+    run_config_job(PretrainConfig, pretrain, __doc__, defaults=pretrain_defaults)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dap_ray.classifier import ClassifierTrainConfig, train_classifier  # noqa: E402
 from dap_ray.config import run_config_job  # noqa: E402
+from dap_ray.steps.classify import ClassifierTrainConfig, train_classifier  # noqa: E402
 
 if __name__ == "__main__":
     run_config_job(ClassifierTrainConfig, train_classifier, __doc__)

@@ -15,7 +15,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import cv2  # noqa: E402
 
-from dap_ray.export import contact_sheet, read_boxes, read_run_config, sample_images  # noqa: E402
+from dap_ray.data.export import (  # noqa: E402
+    contact_sheet,
+    read_boxes,
+    read_run_config,
+    sample_images,
+)
 
 
 def main() -> None:
@@ -40,8 +45,8 @@ def main() -> None:
         pictures = [images[r["image_id"]] for r in rows]
         cams = None
         if not args.no_cam:
-            from dap_ray.cam import CamExtractor
-            from dap_ray.models import load_classifier
+            from dap_ray.localisation.cam import CamExtractor
+            from dap_ray.models.classifiers import load_classifier
 
             model = load_classifier(config["classifier"], config.get("weights"), num_classes=config.get("num_classes"))
             cams = CamExtractor(model, scales=config["scales"], flip=config["flip"])(pictures, [r["label"] for r in rows])

@@ -22,7 +22,7 @@ def ray_session():
     """One local Ray for the whole session: starting Ray costs seconds."""
     import ray
 
-    from dap_ray.ray_setup import init_ray
+    from dap_ray.steps.ray_setup import init_ray
 
     init_ray(num_cpus=2, include_dashboard=False)
     yield ray
@@ -35,8 +35,8 @@ def trained_sample(ray_session, tmp_path_factory):
 
     Returns (sample folder, run folder, meta).
     """
-    from dap_ray.classifier import ClassifierTrainConfig, train_classifier
-    from dap_ray.sample import SampleConfig, make_sample_dataset
+    from dap_ray.data.sample import SampleConfig, make_sample_dataset
+    from dap_ray.steps.classify import ClassifierTrainConfig, train_classifier
 
     sample = make_sample_dataset(tmp_path_factory.mktemp("trained_sample"), SampleConfig())
     run = sample / "classifier_run"
@@ -50,7 +50,7 @@ def trained_sample(ray_session, tmp_path_factory):
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory):
     """A 3-class folder tree of 30 sample images plus 8 awkward files, and random tiny weights."""
-    from dap_ray.sample import SampleConfig, make_sample_dataset
+    from dap_ray.data.sample import SampleConfig, make_sample_dataset
     from tests.factories import tiny_resnet
     from tests.helpers import bad_files
 
@@ -70,8 +70,8 @@ def pseudo_run(tmp_path_factory):
 
     Returns (boxes folder, sample folder, classifier weights).
     """
-    from dap_ray.evaluation import load_coco_boxes
-    from dap_ray.sample import SampleConfig, make_sample_dataset
+    from dap_ray.data.sample import SampleConfig, make_sample_dataset
+    from dap_ray.evaluation.localisation import load_coco_boxes
     from tests.factories import tiny_resnet
     from tests.helpers import write_pseudo_run
 

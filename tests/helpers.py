@@ -47,7 +47,7 @@ def write_pseudo_run(output, rows, input_path, fmt="folder", class_map=None):
     import pyarrow.parquet as pq
     import yaml
 
-    from dap_ray.mining import BOXES_SCHEMA
+    from dap_ray.localisation.stages import BOXES_SCHEMA
 
     output = Path(output)
     (output / "boxes").mkdir(parents=True, exist_ok=True)

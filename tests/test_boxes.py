@@ -4,8 +4,8 @@ import cv2
 import numpy as np
 import pytest
 
-from dap_ray.boxes import BoxConfig, cam_to_boxes, cam_to_boxes_batch
-from dap_ray.boxes_reference import cam_to_boxes_reference
+from dap_ray.localisation.boxes import BoxConfig, cam_to_boxes, cam_to_boxes_batch
+from dap_ray.localisation.boxes_reference import cam_to_boxes_reference
 
 PRESETS = ["official", "paper"]
 

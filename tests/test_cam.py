@@ -5,7 +5,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from dap_ray.cam import IMAGENET_MEAN, IMAGENET_STD, CamExtractor, resize_short_side, resized_size
+from dap_ray.localisation.cam import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CamExtractor,
+    resize_short_side,
+    resized_size,
+)
 
 SMALL_SCALES = (64, 128)  # the method's 288/576 cost seconds per image on CPU; the math is the same
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 import yaml
 
-from dap_ray.classifier import ClassifierTrainConfig, split_items, train_classifier
-from dap_ray.models import load_classifier
-from dap_ray.sample import SampleConfig, make_sample_dataset
+from dap_ray.data.sample import SampleConfig, make_sample_dataset
+from dap_ray.models.classifiers import load_classifier
+from dap_ray.steps.classify import ClassifierTrainConfig, split_items, train_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "tests.factories:tiny_resnet"

@@ -5,7 +5,12 @@ from typing import Literal
 import pytest
 import yaml
 
-from dap_ray.config import add_config_arguments, config_to_dict, resolve_config, save_config
+from dap_ray.config import (
+    add_config_arguments,
+    config_to_dict,
+    resolve_config,
+    save_config,
+)
 
 
 @dataclass(frozen=True)

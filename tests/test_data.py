@@ -4,7 +4,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dap_ray.data import BadImageError, decode_image, list_image_folder, read_class_map
+from dap_ray.data.images import (
+    BadImageError,
+    decode_image,
+    list_image_folder,
+    read_class_map,
+)
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:

@@ -2,10 +2,15 @@ import numpy as np
 import pytest
 import torch
 
-from dap_ray.detection import (AspectBatchSampler, PseudoBoxDataset, build_detector, collate_detection,
-                               detector_state_dict, load_pseudo_boxes, resize_with_boxes)
-from dap_ray.models import load_classifier
-from dap_ray.sources import ImageReader
+from dap_ray.data.detection import (
+    AspectBatchSampler,
+    collate_detection,
+    resize_with_boxes,
+)
+from dap_ray.data.pseudo_boxes import PseudoBoxDataset, load_pseudo_boxes
+from dap_ray.data.sources import ImageReader
+from dap_ray.models.classifiers import load_classifier
+from dap_ray.models.detectors import build_detector, detector_state_dict
 from tests.helpers import write_pseudo_run
 
 TINY = "tests.factories:tiny_resnet"
@@ -153,7 +158,7 @@ def test_image_reader_reads_tar_and_parquet_ids_as_read_shard_names_them(tmp_pat
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dap_ray.sources import list_shards, read_shard
+    from dap_ray.data.sources import list_shards, read_shard
     from tests.helpers import encode, photo
 
     images = [encode(photo(rng, 8, 8 + i)) for i in range(3)]

@@ -6,9 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from dap_ray.detection import PseudoBoxes, load_pseudo_boxes
-from dap_ray.detectron2_backend import XYXY_ABS, to_detectron2_dicts, torchvision_to_detectron2
-from dap_ray.models import load_classifier
+from dap_ray.data.pseudo_boxes import PseudoBoxes, load_pseudo_boxes
+from dap_ray.models.classifiers import load_classifier
+from dap_ray.steps.pretrain.detectron2_backend import (
+    XYXY_ABS,
+    to_detectron2_dicts,
+    torchvision_to_detectron2,
+)
 
 HAS_DETECTRON2 = importlib.util.find_spec("detectron2") is not None
 
@@ -49,7 +53,7 @@ def test_torchvision_resnet_keys_become_detectron2_names(arch):
 
 @pytest.mark.skipif(not HAS_DETECTRON2, reason="detectron2 is not installed (it is built from source; see README)")
 def test_detectron2_backend_trains_and_writes_a_checkpoint(pseudo_run, ray_session, tmp_path):
-    from dap_ray.pretrain import PretrainConfig, pretrain
+    from dap_ray.steps.pretrain import PretrainConfig, pretrain
 
     boxes_dir, _, _ = pseudo_run
     meta = pretrain(PretrainConfig(boxes=str(boxes_dir), output=str(tmp_path / "run"), backbone="resnet18",

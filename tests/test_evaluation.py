@@ -1,7 +1,12 @@
 import numpy as np
 import pytest
 
-from dap_ray.evaluation import box_iou, centre_baseline, localisation_quality, whole_image_baseline
+from dap_ray.evaluation.localisation import (
+    box_iou,
+    centre_baseline,
+    localisation_quality,
+    whole_image_baseline,
+)
 
 
 @pytest.mark.parametrize(

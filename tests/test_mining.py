@@ -6,9 +6,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dap_ray.boxes import BoxConfig
-from dap_ray.mining import (BOXES_SCHEMA, CamBoxStage, MineConfig, decode_and_resize, pool_problem, read_done_ids,
-                            resolve_actor_pool, write_results)
+from dap_ray.localisation.boxes import BoxConfig
+from dap_ray.localisation.stages import (
+    BOXES_SCHEMA,
+    CamBoxStage,
+    decode_and_resize,
+    read_done_ids,
+    write_results,
+)
+from dap_ray.steps.mine import MineConfig, pool_problem, resolve_actor_pool
 from tests.helpers import BAD_ERRORS, bad_files, encode, photo
 
 SCALES = (32, 64)

@@ -3,7 +3,13 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.resnet import Bottleneck, ResNet
 
-from dap_ray.models import TORCHVISION_CLASSIFIERS, CamModel, ResNetCam, as_cam_model, load_classifier
+from dap_ray.models.classifiers import (
+    TORCHVISION_CLASSIFIERS,
+    CamModel,
+    ResNetCam,
+    as_cam_model,
+    load_classifier,
+)
 from tests.factories import TinyCamNet, tiny_resnet
 
 

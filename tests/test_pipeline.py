@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from dap_ray.export import boxes_to_coco, read_boxes
-from dap_ray.mining import BOXES_SCHEMA, ERRORS_SCHEMA, MineConfig
-from dap_ray.pipeline import mine
+from dap_ray.data.export import boxes_to_coco, read_boxes
+from dap_ray.localisation.stages import BOXES_SCHEMA, ERRORS_SCHEMA
+from dap_ray.steps.mine import MineConfig, mine
 from tests.helpers import BAD_ERRORS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,7 +140,7 @@ def test_limit_mines_at_most_that_many(ray_session, dataset, tmp_path):
 
 
 def test_embedded_default_uses_the_cached_sample_and_classifier(trained_sample, tmp_path, monkeypatch):
-    from dap_ray.pipeline import embedded_default
+    from dap_ray.steps.embedded import mine_defaults
 
     sample, run, _ = trained_sample
     cache = tmp_path / "cache" / "sample-v1"
@@ -148,7 +148,7 @@ def test_embedded_default_uses_the_cached_sample_and_classifier(trained_sample, 
     (cache / "data").symlink_to(sample)
     (cache / "classifier").symlink_to(run)
     monkeypatch.setenv("DAP_RAY_CACHE", str(tmp_path / "cache"))
-    cfg = embedded_default(MineConfig(output=str(tmp_path / "out")))
+    cfg = mine_defaults(MineConfig(output=str(tmp_path / "out")))
     assert cfg.classifier == "tests.factories:tiny_resnet" and cfg.scales == (96, 192)
     summary = mine(MineConfig(**{**cfg.__dict__, "limit": 24}))
     assert summary["images"] == 24 and summary["quality"]["corloc"] > 0.1

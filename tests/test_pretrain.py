@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dap_ray.detection import build_detector
-from dap_ray.pretrain import PretrainConfig, _lr_factor, pretrain
+from dap_ray.models.detectors import build_detector
+from dap_ray.steps.pretrain import PretrainConfig, pretrain
+from dap_ray.steps.pretrain.torchvision_backend import _lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "tests.factories:tiny_resnet"
@@ -55,7 +56,7 @@ def test_retinanet_worker_group_that_fails_once_is_restarted_and_finishes(pseudo
 
 
 def test_a_diverging_run_stops_with_a_one_line_reason(pseudo_run, ray_session, tmp_path):
-    from dap_ray.ray_setup import TrainingFailedError
+    from dap_ray.steps.ray_setup import TrainingFailedError
 
     with pytest.raises(TrainingFailedError, match="loss became (nan|inf).*the same command resumes"):
         pretrain(small_config(pseudo_run, tmp_path / "run", lr=1e8, warmup_iters=0, num_workers=1, cpus_per_worker=2,

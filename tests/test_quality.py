@@ -2,12 +2,17 @@
 
 import numpy as np
 
-from dap_ray.boxes import BoxConfig, cam_to_boxes_batch
-from dap_ray.cam import CamExtractor
-from dap_ray.classifier import split_items
-from dap_ray.data import decode_image, list_image_folder
-from dap_ray.evaluation import centre_baseline, load_coco_boxes, localisation_quality, whole_image_baseline
-from dap_ray.models import load_classifier
+from dap_ray.data.images import decode_image, list_image_folder
+from dap_ray.evaluation.localisation import (
+    centre_baseline,
+    load_coco_boxes,
+    localisation_quality,
+    whole_image_baseline,
+)
+from dap_ray.localisation.boxes import BoxConfig, cam_to_boxes_batch
+from dap_ray.localisation.cam import CamExtractor
+from dap_ray.models.classifiers import load_classifier
+from dap_ray.steps.classify import split_items
 
 # The sample's 128 px images and 96 px training crops stand to (96, 192) as ImageNet's
 # ~400 px images and 224 px crops stand to the paper's (288, 576).

@@ -4,8 +4,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dap_ray.evaluation import load_coco_boxes
-from dap_ray.sample import SHAPES, SampleConfig, make_sample_dataset, render_sample_image
+from dap_ray.data.sample import (
+    SHAPES,
+    SampleConfig,
+    make_sample_dataset,
+    render_sample_image,
+)
+from dap_ray.evaluation.localisation import load_coco_boxes
 
 
 def test_sample_set_layout_and_true_boxes(tmp_path):

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dap_ray.sources import list_shards, read_shard
+from dap_ray.data.sources import list_shards, read_shard
 from tests.helpers import encode, photo
 
 

@@ -1,6 +1,6 @@
 """From mined Parquet boxes to a COCO detection dataset, and to a contact sheet for people.
 
-No Ray: reads ``boxes/*.parquet`` as :mod:`dap_ray.mining` writes them.
+No Ray: reads ``boxes/*.parquet`` as :mod:`dap_ray.localisation.stages` writes them.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ def read_run_config(boxes_dir: str | Path) -> dict:
 
 def sample_images(config: dict, image_ids: set[str]) -> dict[str, np.ndarray]:
     """Decoded images of ``image_ids`` from the input a mining run's ``config.yaml`` names."""
-    from dap_ray.data import BadImageError, decode_image
-    from dap_ray.sources import list_shards, read_shard
+    from dap_ray.data.images import BadImageError, decode_image
+    from dap_ray.data.sources import list_shards, read_shard
 
     shards, _, _ = list_shards(config["input"], config["format"], config.get("class_map"),
                                image_column=config.get("image_column", "image"),

@@ -28,11 +28,16 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
-from dap_ray.cam import IMAGENET_MEAN, IMAGENET_STD
 from dap_ray.config import config_to_dict, save_config
-from dap_ray.data import BadImageError, decode_image, list_image_folder
-from dap_ray.models import load_classifier, unwrap_ddp
-from dap_ray.ray_setup import cpus_per_worker, fit_torch_trainer, init_ray, train_worker_rank
+from dap_ray.data.images import BadImageError, decode_image, list_image_folder
+from dap_ray.localisation.cam import IMAGENET_MEAN, IMAGENET_STD
+from dap_ray.models.classifiers import load_classifier, unwrap_ddp
+from dap_ray.steps.ray_setup import (
+    cpus_per_worker,
+    fit_torch_trainer,
+    init_ray,
+    train_worker_rank,
+)
 
 __all__ = ["ClassifierTrainConfig", "ImageListDataset", "train_classifier"]
 

@@ -10,7 +10,7 @@ detectron2's ``tools/convert-torchvision-to-d2.py``).
 Training runs detectron2's ``DefaultTrainer`` inside Ray Train workers (Ray Train sets up
 the process group; detectron2's local group is created from Ray's local ranks), with the
 paper's settings: short side drawn from ``min_sizes``, flips, SGD with warm-up. Images are
-read by id through :class:`dap_ray.sources.ImageReader`, so tar and Parquet inputs work
+read by id through :class:`dap_ray.data.sources.ImageReader`, so tar and Parquet inputs work
 too. detectron2 keeps its own checkpoints (``model_XXXXXXX.pth`` every
 ``checkpoint_every`` iterations under RUN_DIR/detectron2) and resumes from the last one
 when the same command runs again; the result is ``RUN_DIR/detector_final_d2.pth``.
@@ -50,7 +50,7 @@ def require_detectron2():
 
 
 def to_detectron2_dicts(pseudo, input_root: str | Path | None = None, fmt: str = "folder") -> list[dict]:
-    """:class:`dap_ray.detection.PseudoBoxes` as detectron2 dataset dicts.
+    """:class:`dap_ray.data.pseudo_boxes.PseudoBoxes` as detectron2 dataset dicts.
 
     ``file_name`` is the image's path for folder inputs (so detectron2's own tools can
     open it) and its id otherwise; ``image_id`` is always the id; ``category_id`` is the
@@ -137,17 +137,21 @@ def _train_loop(loop_config: dict) -> None:
 
     import ray.train
     import torch
-    from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader
+    from detectron2.data import (
+        DatasetCatalog,
+        MetadataCatalog,
+        build_detection_train_loader,
+    )
     from detectron2.data import detection_utils as utils
     from detectron2.data import transforms as T
     from detectron2.engine import DefaultTrainer
     from detectron2.utils import comm
 
-    from dap_ray.data import decode_image
-    from dap_ray.detection import load_pseudo_boxes
-    from dap_ray.models import unwrap_ddp
-    from dap_ray.pretrain import PretrainConfig
-    from dap_ray.sources import ImageReader
+    from dap_ray.data.images import decode_image
+    from dap_ray.data.pseudo_boxes import load_pseudo_boxes
+    from dap_ray.data.sources import ImageReader
+    from dap_ray.models.classifiers import unwrap_ddp
+    from dap_ray.steps.pretrain.config import PretrainConfig
 
     cfg = PretrainConfig(**loop_config["config"])
     context = ray.train.get_context()
@@ -190,8 +194,8 @@ def train_detectron2(cfg, pseudo, classes: list[str], output: Path) -> dict:
     """Pre-train through detectron2 on Ray Train workers; write ``detector_final_d2.pth`` and meta.json."""
     require_detectron2()
     from dap_ray.config import config_to_dict, save_config
-    from dap_ray.models import load_classifier
-    from dap_ray.ray_setup import cpus_per_worker, fit_torch_trainer, init_ray
+    from dap_ray.models.classifiers import load_classifier
+    from dap_ray.steps.ray_setup import cpus_per_worker, fit_torch_trainer, init_ray
 
     if cfg.backbone not in _DEPTHS:
         raise ValueError(f"--backend detectron2 supports backbones {sorted(_DEPTHS)}, got {cfg.backbone!r}")

@@ -6,7 +6,7 @@ Parquet files (14M files are not listed one by one); reading a shard yields one 
 image: ``image_id`` (unique, stable across runs), ``label`` (int, -1 when unknown),
 ``data`` (encoded bytes) and ``error`` (a reason, or "").
 
-No Ray here: :mod:`dap_ray.pipeline` runs :func:`read_shard` in Ray Data tasks.
+No Ray here: :mod:`dap_ray.steps.mine` runs :func:`read_shard` in Ray Data tasks.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import tarfile
 from pathlib import Path
 from typing import Iterator
 
-from dap_ray.data import IMAGE_EXTENSIONS, list_image_folder, read_class_map
+from dap_ray.data.images import IMAGE_EXTENSIONS, list_image_folder, read_class_map
 
 __all__ = ["FORMATS", "ImageReader", "list_shards", "read_shard", "shard_key"]
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
-from dap_ray.models import as_cam_model
+from dap_ray.models.classifiers import as_cam_model
 
 __all__ = ["CamExtractor", "IMAGENET_MEAN", "IMAGENET_STD", "check_image", "resize_short_side", "resized_size"]
 

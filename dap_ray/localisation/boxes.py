@@ -12,7 +12,7 @@ The implementation is vectorised over components, thresholds and maps: every
 (map, threshold) foreground mask is stacked into one tall image separated by empty rows,
 labelled by a single OpenCV call; the moments of all kept components come from the row
 and column marginals of their weights; NMS runs for all maps at once.
-:mod:`dap_ray.boxes_reference` holds the straightforward per-component version that this
+:mod:`dap_ray.localisation.boxes_reference` holds the straightforward per-component version that this
 one is tested against.
 """
 
@@ -147,7 +147,7 @@ def cam_to_boxes(
 
     Args:
         cam: float (h, w) map, values in [0, 1], on the stride grid of the ``scale``
-            input (as :class:`dap_ray.cam.CamExtractor` returns it).
+            input (as :class:`dap_ray.localisation.cam.CamExtractor` returns it).
         image_size: ``(W, H)`` of the original image, in pixels.
         scale, stride, thresholds, nms_iou: see :class:`BoxConfig`.
         preset: ``"official"`` or ``"paper"`` (see :data:`PRESETS`).

@@ -1,6 +1,6 @@
 """The stages of Step 2 as plain functions and callable classes over pyarrow batches.
 
-:mod:`dap_ray.pipeline` strings them together on Ray Data; here they import no Ray and are
+:mod:`dap_ray.steps.mine` strings them together on Ray Data; here they import no Ray and are
 tested directly. Images cross stages as encoded or raw bytes plus their shapes, never as
 ragged tensor columns.
 
@@ -14,26 +14,20 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dap_ray.boxes import BoxConfig, cam_to_boxes_batch
-from dap_ray.data import MAX_IMAGE_PIXELS, BadImageError, decode_image
+from dap_ray.data.images import MAX_IMAGE_PIXELS, BadImageError, decode_image
+from dap_ray.localisation.boxes import BoxConfig, cam_to_boxes_batch
 
 # Smaller images hold nothing a stride-32 CAM can localise.
 MIN_IMAGE_SIDE = 8
-# CPU pools: on 2 cores two one-thread actors mine about 15% faster than one actor on both
-# cores, whose threads stall whenever another process takes a core (benchmarks/bench_mine.py);
-# more actors multiply memory (about 7 GB each for ResNet-50 at 288+576, batch 32).
-MAX_CPU_ACTORS = 2
 
-__all__ = ["BOXES_SCHEMA", "ERRORS_SCHEMA", "CamBoxStage", "MineConfig", "decode_and_resize", "pool_problem",
-           "resolve_actor_pool", "write_results"]
+__all__ = ["BOXES_SCHEMA", "ERRORS_SCHEMA", "MIN_IMAGE_SIDE", "CamBoxStage", "decode_and_resize", "read_done_ids",
+           "write_results"]
 
 BOXES_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("label", pa.int32()), ("width", pa.int32()), ("height", pa.int32()),
@@ -42,111 +36,16 @@ BOXES_SCHEMA = pa.schema([
 ERRORS_SCHEMA = pa.schema([("image_id", pa.string()), ("label", pa.int32()), ("error", pa.string())])
 
 
-@dataclass(frozen=True)
-class MineConfig:
-    """Step 2 (pseudo boxes). Defaults are the paper's; with no ``input`` the built-in sample runs."""
-
-    input: str | None = field(default=None, metadata={
-        "help": "images to mine (default: the built-in sample set, generated and a classifier trained on first use)"})
-    format: Literal["folder", "tar", "parquet"] = field(default="folder", metadata={
-        "help": "folder: ROOT/<class>/<image>; tar: tar shards (one per class, or WebDataset .cls); "
-                "parquet: files with image and label columns"})
-    output: str = field(default="dap_output", metadata={"help": "output folder"})
-    classifier: str = field(default="resnet50", metadata={"help": "torchvision name or package.module:factory"})
-    weights: str | None = field(default=None, metadata={"help": "classifier state dict (a torchvision ImageNet checkpoint, or classifier.pt)"})
-    class_map: str | None = field(default=None, metadata={
-        "help": "class names, one per line, line i = classifier output i (folder default: sorted folder names)"})
-    num_classes: int | None = field(default=None, metadata={"help": "classifier outputs (default: from the weights or class map)"})
-    scales: tuple[int, ...] = field(default=(288, 576), metadata={"help": "CAM short sides"})
-    flip: bool = field(default=True, metadata={"help": "average with the mirrored image"})
-    thresholds: tuple[float, ...] = field(default=(0.2, 0.3, 0.4, 0.5), metadata={"help": "CAM thresholds"})
-    nms_iou: float = field(default=0.8, metadata={"help": "NMS IoU"})
-    preset: Literal["official", "paper"] = field(default="official", metadata={
-        "help": "official: the authors' released script; paper: the equations as printed"})
-    batch_size: int = field(default=32, metadata={"help": "images per model batch"})
-    num_gpus_per_actor: float = field(default=0.0, metadata={"help": "GPUs per model actor (0: CPU actors)"})
-    actors: tuple[int, ...] | None = field(default=None, metadata={
-        "help": "MIN MAX model actors, an autoscaling pool (default: 1 1 with GPUs; on CPU a fixed pool of "
-                f"one actor per CPU of the largest node, at most {MAX_CPU_ACTORS})"})
-    cpus_per_actor: float | None = field(default=None, metadata={
-        "help": "CPUs Ray reserves per model actor (default: 1 with GPUs; on CPU, the node's CPUs less the one "
-                "kept for the read and write tasks, shared among the actors)"})
-    torch_threads: int | None = field(default=None, metadata={
-        "help": "torch threads per CPU actor (default: the node's CPUs over the largest pool)"})
-    shard_size: int = field(default=64, metadata={"help": "folder images per read task (smaller streams sooner)"})
-    limit: int | None = field(default=None, metadata={"help": "mine at most this many images"})
-    gt_boxes: str | None = field(default=None, metadata={"help": "COCO file of true boxes: report quality in summary.json"})
-    image_column: str = field(default="image", metadata={"help": "parquet: image column (bytes or path)"})
-    label_column: str = field(default="label", metadata={"help": "parquet: label column (int or class name)"})
-
-    def __post_init__(self) -> None:
-        if not self.scales or min(self.scales) < 1:
-            raise ValueError(f"scales must be positive, got {self.scales}")
-        if self.actors is not None and (len(self.actors) != 2 or not 1 <= self.actors[0] <= self.actors[1]):
-            raise ValueError(f"actors must be MIN MAX with 1 <= MIN <= MAX, got {self.actors}")
-        if self.cpus_per_actor is not None and self.cpus_per_actor < 0:
-            raise ValueError(f"cpus_per_actor must be at least 0, got {self.cpus_per_actor}")
-        if self.torch_threads is not None and self.torch_threads < 1:
-            raise ValueError(f"torch_threads must be at least 1, got {self.torch_threads}")
-        for name in ("batch_size", "shard_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be at least 1, got {self.limit}")
-        self.box_config()  # thresholds, nms_iou and preset checked where they live
-
-    def box_config(self) -> BoxConfig:
-        return BoxConfig.from_preset(self.preset, scale=max(self.scales), thresholds=self.thresholds, nms_iou=self.nms_iou)
-
-
-def resolve_actor_pool(cfg: MineConfig, node_cpus: int, shards: int | None = None) -> MineConfig:
-    """``cfg`` with the model pool's defaults filled in for a cluster whose largest node has ``node_cpus``.
-
-    With GPUs: ``actors`` (1, 1), ``cpus_per_actor`` 1. On CPU: a fixed pool of
-    ``min(node_cpus, MAX_CPU_ACTORS, shards)`` actors (no more than there are input shards
-    to feed them) that together reserve all but one of the node's CPUs (the read and write
-    tasks need one each), ``torch_threads`` the node's CPUs over the largest pool. Values
-    the user set are kept.
-    """
-    if cfg.num_gpus_per_actor > 0:
-        return replace(cfg, actors=cfg.actors or (1, 1),
-                       cpus_per_actor=1.0 if cfg.cpus_per_actor is None else cfg.cpus_per_actor)
-    node_cpus = max(1, int(node_cpus))
-    actors = cfg.actors
-    if actors is None:
-        size = max(1, min(node_cpus, MAX_CPU_ACTORS, shards or MAX_CPU_ACTORS))
-        if cfg.cpus_per_actor:  # as many as fit beside the task CPU
-            size = max(1, min(size, int((node_cpus - 1) / cfg.cpus_per_actor)))
-        actors = (size, size)
-    cpus = cfg.cpus_per_actor
-    if cpus is None:
-        cpus = round(max(0, node_cpus - 1) / actors[1], 3)
-    threads = cfg.torch_threads or max(1, node_cpus // actors[1])
-    return replace(cfg, actors=tuple(actors), cpus_per_actor=cpus, torch_threads=threads)
-
-
-def pool_problem(cfg: MineConfig, cluster_cpus: float) -> str | None:
-    """Why the smallest model pool would leave no CPU for the read and write tasks, or None.
-
-    Ray would then wait forever for a CPU: the actors hold them all.
-    """
-    held = cfg.actors[0] * cfg.cpus_per_actor
-    if held > cluster_cpus - 1:
-        return (f"{cfg.actors[0]} model actor(s) x {cfg.cpus_per_actor:g} CPUs would hold {held:g} of the cluster's "
-                f"{cluster_cpus:g} CPUs, leaving less than the 1 CPU the read and write tasks need: "
-                f"lower --actors or --cpus-per-actor")
-    return None
-
 
 def decode_and_resize(batch: pa.Table, scales: tuple[int, ...], max_pixels: int = MAX_IMAGE_PIXELS) -> pa.Table:
-    """Records from :func:`dap_ray.sources.read_shard` to decoded images resized to each scale.
+    """Records from :func:`dap_ray.data.sources.read_shard` to decoded images resized to each scale.
 
     Output columns: ``image_id``, ``label``, ``width``, ``height``, ``error``, and per scale j
     ``pixels{j}`` (raw (h, w, 3) uint8 bytes), ``h{j}``, ``w{j}``. Unreadable images keep
     their row with an ``error`` and no pixels.
     """
     # Imported here: torch costs the job's driver, which never decodes, 3 s of start-up.
-    from dap_ray.cam import resize_short_side
+    from dap_ray.localisation.cam import resize_short_side
 
     rows = batch.to_pydict()
     out: dict[str, list] = {k: [] for k in ("image_id", "label", "width", "height", "error")}
@@ -189,8 +88,8 @@ class CamBoxStage:
                  torch_threads: int | None = None):
         import torch
 
-        from dap_ray.cam import CamExtractor
-        from dap_ray.models import load_classifier
+        from dap_ray.localisation.cam import CamExtractor
+        from dap_ray.models.classifiers import load_classifier
 
         if torch_threads:
             torch.set_num_threads(torch_threads)

@@ -1,7 +1,7 @@
 """Straightforward per-component CAM-to-box, the shape of the authors' released script.
 
 One ``scipy.ndimage`` labelling per threshold, one masked moment sum per component and a
-greedy NMS loop. It exists as an oracle for :mod:`dap_ray.boxes` (tests compare the two
+greedy NMS loop. It exists as an oracle for :mod:`dap_ray.localisation.boxes` (tests compare the two
 on many maps) and as the baseline of ``benchmarks/bench_boxes.py``; the pipeline never
 uses it. Needs scipy (the ``test`` extra).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dap_ray.boxes import BoxConfig, empty_boxes
+from dap_ray.localisation.boxes import BoxConfig, empty_boxes
 
 __all__ = ["cam_to_boxes_reference"]
 
@@ -18,7 +18,7 @@ __all__ = ["cam_to_boxes_reference"]
 def cam_to_boxes_reference(
     cam: np.ndarray, image_size: tuple[int, int], config: BoxConfig = BoxConfig()
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Same contract as :func:`dap_ray.boxes.cam_to_boxes`, without its input checks."""
+    """Same contract as :func:`dap_ray.localisation.boxes.cam_to_boxes`, without its input checks."""
     from scipy import ndimage
 
     cam = np.asarray(cam, np.float32)

@@ -1,0 +1,247 @@
+"""Step 2 on Ray Data: stream images through model actors and write pseudo boxes.
+
+Stages (:mod:`dap_ray.localisation.stages`, plain functions over pyarrow batches): read
+shards (tasks) -> decode and resize to each CAM scale (CPU tasks; on CPU-only runs Ray Data
+fuses them into the model actors) -> CAMs and boxes (:class:`CamBoxStage` on an actor pool,
+GPU or CPU, sized by :func:`resolve_actor_pool`) -> write Parquet (tasks). Resume: outputs
+are written per batch, each file whole and named after its images, and a rerun skips every
+image already in ``boxes/`` or ``errors/``; so a rerun after a killed driver writes exactly
+the images that were missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import pyarrow.parquet as pq
+
+from dap_ray.config import config_to_dict, save_config
+from dap_ray.data.sources import list_shards, read_shard
+from dap_ray.localisation.boxes import BoxConfig
+from dap_ray.localisation.stages import (
+    CamBoxStage,
+    decode_and_resize,
+    read_done_ids,
+    write_results,
+)
+from dap_ray.steps.ray_setup import init_ray
+
+__all__ = ["MAX_CPU_ACTORS", "MineConfig", "mine", "pool_problem", "resolve_actor_pool"]
+
+# CPU pools: on 2 cores two one-thread actors mine about 15% faster than one actor on both
+# cores, whose threads stall whenever another process takes a core (benchmarks/bench_mine.py);
+# more actors multiply memory (about 7 GB each for ResNet-50 at 288+576, batch 32).
+MAX_CPU_ACTORS = 2
+
+
+@dataclass(frozen=True)
+class MineConfig:
+    """Step 2 (pseudo boxes). Defaults are the paper's; with no ``input`` the built-in sample runs."""
+
+    input: str | None = field(default=None, metadata={
+        "help": "images to mine (default: the built-in sample set, generated and a classifier trained on first use)"})
+    format: Literal["folder", "tar", "parquet"] = field(default="folder", metadata={
+        "help": "folder: ROOT/<class>/<image>; tar: tar shards (one per class, or WebDataset .cls); "
+                "parquet: files with image and label columns"})
+    output: str = field(default="dap_output", metadata={"help": "output folder"})
+    classifier: str = field(default="resnet50", metadata={"help": "torchvision name or package.module:factory"})
+    weights: str | None = field(default=None, metadata={"help": "classifier state dict (a torchvision ImageNet checkpoint, or classifier.pt)"})
+    class_map: str | None = field(default=None, metadata={
+        "help": "class names, one per line, line i = classifier output i (folder default: sorted folder names)"})
+    num_classes: int | None = field(default=None, metadata={"help": "classifier outputs (default: from the weights or class map)"})
+    scales: tuple[int, ...] = field(default=(288, 576), metadata={"help": "CAM short sides"})
+    flip: bool = field(default=True, metadata={"help": "average with the mirrored image"})
+    thresholds: tuple[float, ...] = field(default=(0.2, 0.3, 0.4, 0.5), metadata={"help": "CAM thresholds"})
+    nms_iou: float = field(default=0.8, metadata={"help": "NMS IoU"})
+    preset: Literal["official", "paper"] = field(default="official", metadata={
+        "help": "official: the authors' released script; paper: the equations as printed"})
+    batch_size: int = field(default=32, metadata={"help": "images per model batch"})
+    num_gpus_per_actor: float = field(default=0.0, metadata={"help": "GPUs per model actor (0: CPU actors)"})
+    actors: tuple[int, ...] | None = field(default=None, metadata={
+        "help": "MIN MAX model actors, an autoscaling pool (default: 1 1 with GPUs; on CPU a fixed pool of "
+                f"one actor per CPU of the largest node, at most {MAX_CPU_ACTORS})"})
+    cpus_per_actor: float | None = field(default=None, metadata={
+        "help": "CPUs Ray reserves per model actor (default: 1 with GPUs; on CPU, the node's CPUs less the one "
+                "kept for the read and write tasks, shared among the actors)"})
+    torch_threads: int | None = field(default=None, metadata={
+        "help": "torch threads per CPU actor (default: the node's CPUs over the largest pool)"})
+    shard_size: int = field(default=64, metadata={"help": "folder images per read task (smaller streams sooner)"})
+    limit: int | None = field(default=None, metadata={"help": "mine at most this many images"})
+    gt_boxes: str | None = field(default=None, metadata={"help": "COCO file of true boxes: report quality in summary.json"})
+    image_column: str = field(default="image", metadata={"help": "parquet: image column (bytes or path)"})
+    label_column: str = field(default="label", metadata={"help": "parquet: label column (int or class name)"})
+
+    def __post_init__(self) -> None:
+        if not self.scales or min(self.scales) < 1:
+            raise ValueError(f"scales must be positive, got {self.scales}")
+        if self.actors is not None and (len(self.actors) != 2 or not 1 <= self.actors[0] <= self.actors[1]):
+            raise ValueError(f"actors must be MIN MAX with 1 <= MIN <= MAX, got {self.actors}")
+        if self.cpus_per_actor is not None and self.cpus_per_actor < 0:
+            raise ValueError(f"cpus_per_actor must be at least 0, got {self.cpus_per_actor}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch_threads must be at least 1, got {self.torch_threads}")
+        for name in ("batch_size", "shard_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be at least 1, got {self.limit}")
+        self.box_config()  # thresholds, nms_iou and preset checked where they live
+
+    def box_config(self) -> BoxConfig:
+        return BoxConfig.from_preset(self.preset, scale=max(self.scales), thresholds=self.thresholds, nms_iou=self.nms_iou)
+
+
+def resolve_actor_pool(cfg: MineConfig, node_cpus: int, shards: int | None = None) -> MineConfig:
+    """``cfg`` with the model pool's defaults filled in for a cluster whose largest node has ``node_cpus``.
+
+    With GPUs: ``actors`` (1, 1), ``cpus_per_actor`` 1. On CPU: a fixed pool of
+    ``min(node_cpus, MAX_CPU_ACTORS, shards)`` actors (no more than there are input shards
+    to feed them) that together reserve all but one of the node's CPUs (the read and write
+    tasks need one each), ``torch_threads`` the node's CPUs over the largest pool. Values
+    the user set are kept.
+    """
+    if cfg.num_gpus_per_actor > 0:
+        return replace(cfg, actors=cfg.actors or (1, 1),
+                       cpus_per_actor=1.0 if cfg.cpus_per_actor is None else cfg.cpus_per_actor)
+    node_cpus = max(1, int(node_cpus))
+    actors = cfg.actors
+    if actors is None:
+        size = max(1, min(node_cpus, MAX_CPU_ACTORS, shards or MAX_CPU_ACTORS))
+        if cfg.cpus_per_actor:  # as many as fit beside the task CPU
+            size = max(1, min(size, int((node_cpus - 1) / cfg.cpus_per_actor)))
+        actors = (size, size)
+    cpus = cfg.cpus_per_actor
+    if cpus is None:
+        cpus = round(max(0, node_cpus - 1) / actors[1], 3)
+    threads = cfg.torch_threads or max(1, node_cpus // actors[1])
+    return replace(cfg, actors=tuple(actors), cpus_per_actor=cpus, torch_threads=threads)
+
+
+def pool_problem(cfg: MineConfig, cluster_cpus: float) -> str | None:
+    """Why the smallest model pool would leave no CPU for the read and write tasks, or None.
+
+    Ray would then wait forever for a CPU: the actors hold them all.
+    """
+    held = cfg.actors[0] * cfg.cpus_per_actor
+    if held > cluster_cpus - 1:
+        return (f"{cfg.actors[0]} model actor(s) x {cfg.cpus_per_actor:g} CPUs would hold {held:g} of the cluster's "
+                f"{cluster_cpus:g} CPUs, leaving less than the 1 CPU the read and write tasks need: "
+                f"lower --actors or --cpus-per-actor")
+    return None
+
+
+def mine(cfg: MineConfig) -> dict:
+    """Run Step 2 and return the summary written to ``cfg.output/summary.json``."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    if cfg.input is None:
+        raise ValueError("no --input given (the jobs fill in the built-in sample: dap_ray.steps.embedded)")
+    cfg = dataclasses.replace(cfg, input=str(Path(cfg.input).resolve()),
+                              weights=str(Path(cfg.weights).resolve()) if cfg.weights else None)
+    if cfg.weights and not Path(cfg.weights).is_file():
+        raise ValueError(f"classifier weights not found: {cfg.weights}")
+    output = Path(cfg.output).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    done = read_done_ids(output)
+    shards, classes, problems = list_shards(cfg.input, cfg.format, cfg.class_map, cfg.shard_size, done,
+                                            cfg.image_column, cfg.label_column)
+    for line in problems:
+        print(f"warning: {line}", flush=True)
+    num_classes = cfg.num_classes or (len(classes) if classes and not cfg.weights else None)
+    if done:
+        print(f"resuming: {len(done)} images already in {output}", flush=True)
+
+    init_ray()
+    node_cpus = max([n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]] or [0])
+    cfg = resolve_actor_pool(cfg, node_cpus, len(shards))
+    problem = pool_problem(cfg, ray.cluster_resources().get("CPU", 0))
+    if problem and not os.environ.get("RAY_ADDRESS"):
+        raise ValueError(problem)
+    if problem:  # an autoscaling cluster may yet add CPUs
+        print(f"warning: {problem}", flush=True)
+    save_config(cfg, output / "config.yaml")
+    on_gpu = cfg.num_gpus_per_actor > 0
+    started = time.perf_counter()
+    counts = {"images": 0, "errors": 0, "boxes": 0}
+    if shards:
+        ds = ray.data.from_items(shards, override_num_blocks=len(shards))
+        ds = ds.flat_map(read_shard)
+        if cfg.limit is not None:
+            ds = ds.limit(max(0, cfg.limit - len(done)))
+        scales = tuple(sorted(cfg.scales))
+        # On CPU, decode tasks ask for what a model actor holds, so that Ray Data fuses them into
+        # the actors: decoding is ~1% of the work there, and fusing saves a worker that imports
+        # torch at start-up and the pixels' trip through the object store (~3% on 2 cores).
+        # With GPUs they stay a pool of 1-CPU tasks feeding the GPUs.
+        ds = ds.map_batches(decode_and_resize, batch_format="pyarrow", batch_size=16, fn_kwargs={"scales": scales},
+                            num_cpus=1 if on_gpu else cfg.cpus_per_actor)
+        ds = ds.map_batches(
+            CamBoxStage,
+            batch_format="pyarrow",
+            batch_size=cfg.batch_size,
+            compute=ActorPoolStrategy(min_size=cfg.actors[0], max_size=cfg.actors[1]),
+            num_gpus=cfg.num_gpus_per_actor or None,
+            num_cpus=cfg.cpus_per_actor,
+            fn_constructor_kwargs=dict(classifier=cfg.classifier, weights=cfg.weights, num_classes=num_classes,
+                                       scales=scales, flip=cfg.flip, box_config=cfg.box_config(),
+                                       batch_size=cfg.batch_size, device="cuda" if on_gpu else "cpu",
+                                       torch_threads=cfg.torch_threads),
+        )  # Ray Data's actor pools restart a dead actor and retry its batches (max_restarts=-1 by default).
+        ds = ds.map_batches(write_results, batch_format="pyarrow", batch_size=None, fn_kwargs={"output": str(output)})
+        last = 0.0
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for key in counts:
+                counts[key] += sum(batch.column(key).to_pylist())
+            now = time.perf_counter()
+            if now - last > 10:
+                done_now = counts["images"] + counts["errors"]
+                print(f"mined {done_now} images ({counts['errors']} errors), "
+                      f"{done_now / (now - started):.1f} images/s", flush=True)
+                last = now
+    wall = time.perf_counter() - started
+    summary = _summary(output, wall, counts, cfg)
+    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2), flush=True)
+    return summary
+
+
+def _summary(output: Path, wall: float, counts: dict, cfg: MineConfig) -> dict:
+    from dap_ray.data.export import read_boxes
+
+    rows = read_boxes(output / "boxes") if list((output / "boxes").glob("part-*.parquet")) else []
+    errors = sum(pq.read_metadata(p).num_rows for p in sorted((output / "errors").glob("part-*.parquet")))
+    total_boxes = sum(len(r["boxes"]) for r in rows)
+    mined_now = counts["images"] + counts["errors"]
+    rate = round(mined_now / wall, 2) if wall > 0 else 0.0
+    summary = {
+        "images": len(rows),
+        "boxes": total_boxes,
+        "boxes_per_image": total_boxes / len(rows) if rows else 0.0,
+        "errors": errors,
+        "this_run": {"images": counts["images"], "errors": counts["errors"], "wall_s": round(wall, 2),
+                     "images_per_s": rate},
+        "wall_s": round(wall, 2),
+        "images_per_s": rate,
+        "config": config_to_dict(cfg),
+    }
+    if cfg.gt_boxes and rows:
+        from dap_ray.evaluation.localisation import (
+            load_coco_boxes,
+            localisation_quality,
+        )
+
+        truth, _ = load_coco_boxes(cfg.gt_boxes)
+        predictions = {r["image_id"]: (r["boxes"], r["scores"]) for r in rows}
+        try:
+            summary["quality"] = localisation_quality(predictions, truth)
+        except ValueError as exc:
+            print(f"warning: no quality figures: {exc}", file=sys.stderr)
+    return summary
