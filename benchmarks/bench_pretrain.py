@@ -25,14 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dap_ray.data.pseudo_boxes import PseudoBoxes  # noqa: E402
+from dap_ray.models.training import train_step  # noqa: E402
 from dap_ray.steps.embedded import pretrain_defaults  # noqa: E402
 from dap_ray.steps.pretrain import PretrainConfig, prepare_data, pretrain  # noqa: E402
-from dap_ray.steps.pretrain.torchvision_backend import (  # noqa: E402
-    detector_for,
-    make_optimizer,
-    train_step,
-    training_loader,
-)
+from dap_ray.steps.pretrain.torchvision_backend import detector_for, make_optimizer, training_loader  # noqa: E402
 
 
 def plain_loop(cfg: PretrainConfig, pseudo: PseudoBoxes, num_classes: int, warmup: int,

@@ -49,15 +49,20 @@ def trained_sample(ray_session, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory):
-    """A 3-class folder tree of 30 sample images plus 8 awkward files, and random tiny weights."""
+    """A 3-class folder tree of 30 sample images plus 8 awkward files and 2 awkward photos (a file
+    name that is not UTF-8, a photo stored sideways with an EXIF orientation), and random tiny weights."""
     from dap_ray.data.sample import SampleConfig, make_sample_dataset
     from tests.factories import tiny_resnet
-    from tests.helpers import bad_files
+    from tests.helpers import bad_files, exif_rotated_photo
 
     root = tmp_path_factory.mktemp("mine")
     sample = make_sample_dataset(root / "sample", SampleConfig(num_images=30, num_classes=3, image_size=48))
     for name, data in bad_files(np.random.default_rng(1)).items():
         (sample / "images" / "disc" / name).write_bytes(data)
+    disc = sorted((sample / "images" / "disc").glob("disc_*.jpg"))[0].read_bytes()
+    with open(bytes(sample / "images" / "disc") + b"/caf\xe9.jpg", "wb") as handle:  # Latin-1 name
+        handle.write(disc)
+    (sample / "images" / "disc" / "phone.jpg").write_bytes(exif_rotated_photo(np.random.default_rng(2), 40, 60))
     torch.manual_seed(0)
     torch.save(tiny_resnet(num_classes=3).state_dict(), root / "weights.pt")
     return sample, root / "weights.pt"

@@ -76,3 +76,40 @@ def fail_once_tiny_resnet(num_classes: int = 7) -> ResNet:
         FAIL_ONCE_MARKER.touch()
         raise RuntimeError("simulated worker failure")
     return tiny_resnet(num_classes)
+
+
+_TMP = __import__("pathlib").Path(__import__("tempfile").gettempdir())
+FAIL_IN_EPOCH_TWO_MARKER = _TMP / "dap_ray_tests_fail_epoch_two"
+FAIL_AT_STEP_THREE_MARKER = _TMP / "dap_ray_tests_fail_step_three"
+
+
+class _FailOnceAfter(nn.Module):
+    """Raises on the n-th training forward pass, once per machine (while ``marker`` does not exist)."""
+
+    def __init__(self, calls: int, marker):
+        super().__init__()
+        self.calls, self.seen, self.marker = calls, 0, marker
+
+    def forward(self, x):
+        if self.training:
+            self.seen += 1
+            if self.seen == self.calls and not self.marker.exists():
+                self.marker.touch()
+                raise RuntimeError(f"simulated failure at training step {self.calls}")
+        return x
+
+
+def fail_in_epoch_two_tiny_resnet(num_classes: int = 7) -> ResNet:
+    """tiny_resnet that dies once on its 6th training step (the tests' 33-image epochs are 5 steps of 8):
+    after the epoch-1 checkpoint, before the end. Delete FAIL_IN_EPOCH_TWO_MARKER to arm it again."""
+    model = tiny_resnet(num_classes)
+    model.layer1 = nn.Sequential(_FailOnceAfter(6, FAIL_IN_EPOCH_TWO_MARKER), model.layer1)
+    return model
+
+
+def fail_at_step_three_tiny_resnet(num_classes: int = 7) -> ResNet:
+    """tiny_resnet that dies once at its 3rd training step (a detector's iteration 3).
+    Delete FAIL_AT_STEP_THREE_MARKER to arm it again."""
+    model = tiny_resnet(num_classes)
+    model.layer1 = nn.Sequential(_FailOnceAfter(3, FAIL_AT_STEP_THREE_MARKER), model.layer1)
+    return model

@@ -36,6 +36,15 @@ def bad_files(rng: np.random.Generator) -> dict[str, bytes]:
 BAD_ERRORS = {"corrupt.jpg", "empty.jpg", "text.jpg", "tiny.png"}
 
 
+def exif_rotated_photo(rng: np.random.Generator, height: int, width: int) -> bytes:
+    """A JPEG stored as height x width whose EXIF orientation (6) says: turn it 90 degrees to view it."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    photo(rng, height, width).save(buffer, format="JPEG", exif=exif)
+    return buffer.getvalue()
+
+
 def write_pseudo_run(output, rows, input_path, fmt="folder", class_map=None):
     """A mining run's outputs as pretraining reads them: boxes/part-0.parquet and config.yaml.
 

@@ -28,27 +28,77 @@ def tiny_config(sample, output, **overrides):
     return ClassifierTrainConfig(**{**values, **overrides})
 
 
-def test_training_writes_a_loadable_classifier_and_a_rerun_resumes(ray_session, tiny_sample, tmp_path):
+def test_training_writes_a_loadable_classifier_and_a_rerun_resumes(ray_session, tiny_sample, tmp_path, capfd):
+    from dap_ray.steps.ray_setup import TrainingFailedError
+    from tests.factories import FAIL_IN_EPOCH_TWO_MARKER
+
+    FAIL_IN_EPOCH_TWO_MARKER.unlink(missing_ok=True)
     run = tmp_path / "run"
-    first = train_classifier(tiny_config(tiny_sample, run, epochs=1))
-    model = load_classifier(TINY, weights=run / "classifier.pt", num_classes=3)
+    cfg = tiny_config(tiny_sample, run, arch="tests.factories:fail_in_epoch_two_tiny_resnet", max_failures=0)
+    with pytest.raises(TrainingFailedError, match="simulated failure at training step 6"):
+        train_classifier(cfg)  # dies in epoch 2, after the epoch-1 checkpoint
+    split = json.loads((run / "split.json").read_text())
+    # The same command resumes after epoch 1, on the split it saved.
+    meta = train_classifier(cfg)
+    assert "resuming after epoch 1/2" in capfd.readouterr().out
+    assert meta["epochs"] == 2 and len(meta["history"]) == 2
+    assert json.loads((run / "split.json").read_text()) == split
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in meta["history"])
+    model = load_classifier(cfg.arch, weights=run / "classifier.pt", num_classes=3)
     assert model.fc.out_features == 3
     saved = json.loads((run / "meta.json").read_text())
-    assert saved["classes"] == ["disc", "square", "triangle"] and saved["epochs"] == 1
-    assert 0.0 <= saved["val_top1"] <= 1.0 and saved == first
+    assert saved["classes"] == ["disc", "square", "triangle"] and saved == meta
+    assert 0.0 <= saved["val_top1"] <= 1.0
     assert saved["val_images"] + saved["train_images"] == 36
-    assert yaml.safe_load((run / "config.yaml").read_text())["arch"] == TINY
-
-    # The same command with more epochs continues from the epoch-1 checkpoint.
-    second = train_classifier(tiny_config(tiny_sample, run, epochs=2))
-    assert second["epochs"] == 2 and len(second["history"]) == 2
-    assert second["history"][0] == first["history"][0]  # restored, not trained again
-    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in second["history"])
+    assert yaml.safe_load((run / "config.yaml").read_text())["arch"] == cfg.arch
 
 
 def test_two_workers_train_with_ddp(ray_session, tiny_sample, tmp_path):
     meta = train_classifier(tiny_config(tiny_sample, tmp_path / "run", epochs=1, num_workers=2, cpus_per_worker=1))
     assert meta["epochs"] == 1 and meta["config"]["num_workers"] == 2
+
+
+def test_a_rerun_with_other_settings_is_refused_before_resuming(tiny_sample, tmp_path):
+    """A rerun used to resume any checkpoint found in its output, whatever its settings."""
+    from dap_ray.config import save_config
+
+    run = tmp_path / "run"
+    (run / "ray" / "classifier" / "checkpoint_2026-01-01_00-00-00.000000").mkdir(parents=True)
+    first = tiny_config(tiny_sample, run)
+    save_config(first, run / "config.yaml")
+    with pytest.raises(ValueError, match=r"other settings \(lr: 0.001 then, 0.01 now\)"):
+        train_classifier(tiny_config(tiny_sample, run, lr=0.01))
+
+
+def test_validation_split_is_kept_when_the_folder_changes(tmp_path, capsys):
+    """The split was recomputed on every start: after one file was added, images that earlier epochs
+    trained on moved into validation."""
+    from dap_ray.steps.classify import saved_split
+
+    items = [(f"c{c}/{i}.jpg", c) for c in range(2) for i in range(15)]
+    cfg = ClassifierTrainConfig(data="x", val_fraction=0.2)
+    train, val = saved_split(tmp_path, items, cfg, resuming=False)
+    grown = sorted(items + [("c0/new.jpg", 0)])
+    assert split_items(grown, 0.2, 0)[1] != val  # what a fresh split would hold out now
+    assert saved_split(tmp_path, grown, cfg, resuming=True) == (train, val)
+    assert "1 images not in this run's saved split are left out" in capsys.readouterr().out
+
+
+def test_an_unreadable_training_image_is_replaced_so_every_rank_takes_every_step(tmp_path):
+    """A rank whose whole batch was unreadable skipped the step, and the ranks fell out of step."""
+    import numpy as np
+
+    from dap_ray.steps.classify import ImageListDataset, _collate
+    from tests.helpers import encode, photo
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "bad.jpg").write_bytes(b"not an image")
+    (tmp_path / "a" / "good.png").write_bytes(encode(photo(np.random.default_rng(0), 8, 8)))
+    items = [("a/bad.jpg", 0), ("a/good.png", 1)]
+    train = ImageListDataset(tmp_path, items, lambda x: x, replace_unreadable=True)
+    images, labels = _collate([train[0], train[0]])  # a batch of nothing but the unreadable image
+    assert images.shape == (2, 3, 8, 8) and labels.tolist() == [1, 1]
+    assert ImageListDataset(tmp_path, items, lambda x: x)[0] is None  # validation just drops it
 
 
 def test_split_is_deterministic_stratified_and_disjoint():

@@ -74,6 +74,39 @@ def make_tree(root, layout):
         path.write_bytes(b"x")
 
 
+@pytest.mark.parametrize("orientation, shape", [(None, (4, 5, 3)), (1, (4, 5, 3)), (3, (4, 5, 3)), (6, (5, 4, 3)),
+                                                (8, (5, 4, 3))])
+def test_exif_orientation_is_applied(orientation, shape):
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    image = decode_image(encode(RGB, "JPEG", exif=exif, quality=100))
+    assert image.shape == shape
+    if orientation == 3:  # rotated 180 degrees: the stored top-left pixel is now bottom-right
+        plain = decode_image(encode(RGB, "JPEG", quality=100))
+        assert np.abs(image[::-1, ::-1].astype(int) - plain).max() <= 2
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims width x height pixels and holds none (a header is all PIL reads on open)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+def test_the_pixel_limit_is_ours_not_pils():
+    """PIL alone refuses from 179M pixels; the stated limit is 268M (16384 x 16384)."""
+    with pytest.raises(BadImageError, match="corrupt or truncated"):  # under our limit: opened, then found empty
+        decode_image(png_header(14000, 14000))  # 196M pixels
+    with pytest.raises(BadImageError, match="exceeds the 268435456-pixel limit"):
+        decode_image(png_header(17000, 17000))
+    assert Image.MAX_IMAGE_PIXELS == 89478485  # PIL's own guard is left as it was
+
+
 def test_folder_labels_follow_the_class_map_and_unknowns_are_reported(tmp_path):
     make_tree(tmp_path / "images", ["b/1.jpg", "a/2.JPEG", "a/sub/3.png", "zz/4.jpg", "a/notes.txt", "stray.jpg"])
     (tmp_path / "classes.txt").write_text("b\na\n")

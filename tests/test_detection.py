@@ -86,8 +86,9 @@ def test_an_image_without_boxes_gives_finite_losses(detector):
 def test_resize_with_boxes(boxes, size, short, max_size, flip, expected):
     width, height = size
     image = np.zeros((height, width, 3), np.uint8)
-    out_image, out = resize_with_boxes(image, np.asarray(boxes, np.float32), short, max_size, flip)
+    out_image, out, keep = resize_with_boxes(image, np.asarray(boxes, np.float32), short, max_size, flip)
     assert out.dtype == np.float32 and out.shape == np.asarray(expected).reshape(-1, 4).shape
+    assert keep.dtype == bool and keep.shape == (len(boxes),) and keep.sum() == len(out)
     np.testing.assert_allclose(out, np.asarray(expected, np.float32).reshape(-1, 4), atol=1e-4)
     assert min(out_image.shape[:2]) == short or max(out_image.shape[:2]) == max_size
 
@@ -177,3 +178,49 @@ def test_image_reader_reads_tar_and_parquet_ids_as_read_shard_names_them(tmp_pat
             assert reader.read(record["image_id"]) == record["data"], record["image_id"]
         with pytest.raises(KeyError):
             reader.read(records[0]["image_id"].split("::")[0] + "::999")
+
+
+def test_training_keeps_the_loaders_sizes_in_a_batch_whose_long_sides_were_capped():
+    """The model used to take the first image's short side for the whole batch: (133, 1333) and
+    (571, 1333) trained as (133, 1333) and (133, 310)."""
+    model = tiny_detector(resize_in_training=False).train()
+    images = [torch.rand(3, 13, 133), torch.rand(3, 57, 133)]
+    resized, _ = model.transform(images, [{"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64)}] * 2)
+    assert resized.image_sizes == [(13, 133), (57, 133)]
+    model.eval()  # evaluation resizes to the test size
+    assert model.transform(images)[0].image_sizes == [(9, 96), (41, 96)]  # min(48 / short, 96 / long)
+
+
+@pytest.mark.parametrize("bias_lr_factor, bias_weight_decay", [(2.0, 0.0), (1.0, 1e-4)])
+def test_optimizer_gives_biases_their_own_rate_and_decay(bias_lr_factor, bias_weight_decay):
+    from dap_ray.models.training import detector_optimizer
+
+    model = tiny_detector()
+    optimizer = detector_optimizer(model, 0.01, 0.9, 1e-4, bias_lr_factor, bias_weight_decay)
+    weights, biases = optimizer.param_groups
+    trainable = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    assert {trainable[id(p)] for p in biases["params"]} == {n for n in trainable.values() if n.endswith(".bias")}
+    assert len(weights["params"]) + len(biases["params"]) == len(trainable)
+    assert (weights["lr"], weights["weight_decay"]) == (0.01, 1e-4)
+    assert (biases["lr"], biases["weight_decay"]) == (pytest.approx(0.01 * bias_lr_factor), bias_weight_decay)
+
+
+def test_a_pretraining_run_loads_as_it_was_trained(tmp_path):
+    import json
+
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from dap_ray.models.detectors import load_pretrained_detector
+
+    model = tiny_detector()
+    torch.save(detector_state_dict(model), tmp_path / "detector_final.pt")
+    (tmp_path / "meta.json").write_text(json.dumps({
+        "detector": "faster_rcnn_fpn", "backbone": TINY, "num_classes": 4,
+        "config": {"trainable_layers": 3, "min_sizes": [48], "max_size": 96, "roi_batch_size_per_image": 16}}))
+    loaded = load_pretrained_detector(tmp_path)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert isinstance(loaded.backbone.body.bn1, FrozenBatchNorm2d)
+    assert not any(p.requires_grad for n, p in loaded.named_parameters() if n.startswith(("backbone.body.conv1",
+                                                                                          "backbone.body.layer1")))
+    with pytest.raises(ValueError, match="meta.json not found"):
+        load_pretrained_detector(tmp_path / "elsewhere")

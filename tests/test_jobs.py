@@ -51,12 +51,12 @@ def test_mine_job_killed_then_rerun_resumes_and_writes_each_image_once(dataset, 
     kill_session(first.pid)
     first.wait()
     partial = len(written_ids(output))
-    assert 0 < partial < 38
+    assert 0 < partial < 40
     second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert f"resuming: {partial} images already" in second.stdout
     ids = written_ids(output)
-    assert len(ids) == len(set(ids)) == 38
+    assert len(ids) == len(set(ids)) == 40
 
 
 def test_mine_job_rejects_bad_input_clearly(tmp_path):
@@ -105,7 +105,7 @@ def test_ray_job_submit_to_a_local_head(dataset, tmp_path):
             time.sleep(5)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert "succeeded" in result.stdout + result.stderr
-        assert len(set(written_ids(output))) == 38
+        assert len(set(written_ids(output))) == 40
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:

@@ -11,6 +11,7 @@ from dap_ray.localisation.stages import (
     BOXES_SCHEMA,
     CamBoxStage,
     decode_and_resize,
+    drop_retryable_errors,
     read_done_ids,
     write_results,
 )
@@ -86,6 +87,38 @@ def test_write_is_whole_named_by_content_and_idempotent(tmp_path):
     assert read_done_ids(tmp_path) == {"a", "b", "c"}
 
 
+def test_errors_that_may_pass_are_retried_on_a_rerun_and_lasting_ones_are_not(tmp_path, stage):
+    """A read that failed once (a storage blip) used to count as done for good."""
+    batch = pa.table({"image_id": ["gone", "corrupt", "c"], "label": [1, 1, 1], "data": [b"", b"xx", b""],
+                      "error": ["cannot read file: No such file or directory", "", "cannot read file: I/O error"],
+                      "retry": [True, False, True]})
+    out = stage(decode_and_resize(batch, SCALES))
+    assert out.column("retry").to_pylist() == [True, False, True]
+    write_results(out, str(tmp_path))
+    write_results(pa.table({"image_id": ["old"], "label": [0], "width": [1], "height": [1], "boxes": [[]],
+                            "scores": [[]], "error": ["old lasting error"]}), str(tmp_path))  # no retry column
+    assert read_done_ids(tmp_path) == {"gone", "corrupt", "c", "old"}
+    assert drop_retryable_errors(tmp_path) == 2
+    assert read_done_ids(tmp_path) == {"corrupt", "old"}
+    assert drop_retryable_errors(tmp_path) == 0
+
+
+def test_exif_rotated_photos_are_mined_upright(rng, stage):
+    """A phone photo stored sideways with EXIF orientation 6: sizes and boxes are the upright image's."""
+    import io
+
+    from PIL import Image
+
+    stored = photo(rng, 40, 90)  # 90 wide, 40 high as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    buffer = io.BytesIO()
+    stored.save(buffer, format="JPEG", exif=exif)
+    out = stage(decode_and_resize(records({"phone.jpg": buffer.getvalue()}), SCALES)).to_pydict()
+    assert (out["width"], out["height"]) == ([40], [90]) and not out["error"][0]
+    assert all(b[2] <= 40 and b[3] <= 90 for b in out["boxes"][0])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [(dict(actors=(2, 1)), "actors"), (dict(scales=()), "scales"), (dict(batch_size=0), "batch_size"),
@@ -127,3 +160,26 @@ def test_a_pool_that_would_hold_every_cpu_is_named():
 def test_box_config_follows_the_largest_scale():
     assert MineConfig(scales=(96, 192), preset="paper").box_config() == BoxConfig.from_preset("paper", scale=192)
     assert np.isclose(MineConfig().box_config().nms_iou, 0.8)
+
+
+def test_images_are_labelled_in_the_classifiers_class_order(tmp_path):
+    """Step 1's classes.txt is not sorted; mining with its weights and no class map used to label by
+    sorted folder names, taking every CAM for the wrong class (CorLoc 0.017 instead of 0.317)."""
+    import json
+
+    from dap_ray.steps.mine import _classifier_class_map
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "classifier.pt").write_bytes(b"")
+    (run / "meta.json").write_text(json.dumps({"classes": ["disc", "square", "triangle"]}))
+    cfg = MineConfig(input=str(tmp_path), weights=str(run / "classifier.pt"))
+    resolved = _classifier_class_map(cfg, tmp_path)
+    assert (tmp_path / "classes.txt").read_text().split() == ["disc", "square", "triangle"]
+    assert resolved.class_map == str(tmp_path / "classes.txt")
+    (tmp_path / "given.txt").write_text("disc\ntriangle\nsquare\n")
+    with pytest.raises(ValueError, match="line 2 is 'triangle' where the classifier has 'square'"):
+        _classifier_class_map(MineConfig(input=str(tmp_path), weights=cfg.weights, class_map=str(tmp_path / "given.txt")),
+                              tmp_path)
+    plain = MineConfig(input=str(tmp_path), weights=str(tmp_path / "zoo.pt"))  # a model zoo file: no meta.json
+    assert _classifier_class_map(plain, tmp_path) == plain

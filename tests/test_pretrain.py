@@ -1,3 +1,4 @@
+import dataclasses
 import importlib.util
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import torch
 
 from dap_ray.models.detectors import build_detector
 from dap_ray.steps.pretrain import PretrainConfig, pretrain
-from dap_ray.steps.pretrain.torchvision_backend import _lr_factor
+from dap_ray.steps.pretrain.torchvision_backend import schedule_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "tests.factories:tiny_resnet"
@@ -23,23 +24,33 @@ def small_config(pseudo_run, output, **overrides):
     return PretrainConfig(**(values | overrides))
 
 
-def test_two_workers_pretrain_then_a_rerun_resumes_from_the_checkpoint(pseudo_run, ray_session, tmp_path, capfd):
-    meta = pretrain(small_config(pseudo_run, tmp_path / "run", max_iters=2, checkpoint_every=1))
-    assert meta["iterations"] == 2 and meta["num_classes"] == 4 and meta["classes"][0] == "__background__"
+def test_two_workers_pretrain_die_and_a_rerun_resumes_from_the_checkpoint(pseudo_run, ray_session, tmp_path, capfd):
+    from dap_ray.steps.ray_setup import TrainingFailedError
+    from tests.factories import FAIL_AT_STEP_THREE_MARKER
+
+    FAIL_AT_STEP_THREE_MARKER.unlink(missing_ok=True)
+    backbone = "tests.factories:fail_at_step_three_tiny_resnet"
+    cfg = small_config(pseudo_run, tmp_path / "run", backbone=backbone, backbone_weights=None, max_iters=3,
+                       checkpoint_every=1, max_failures=0)
+    with pytest.raises(TrainingFailedError, match="simulated failure at training step 3"):
+        pretrain(cfg)  # a rank dies in iteration 3, after the iteration-2 checkpoint
+    capfd.readouterr()
+    meta = pretrain(cfg)
+    out = capfd.readouterr()
+    assert "resuming at iteration 2/3" in out.out + out.err
+    assert meta["iterations"] == 3 and meta["num_classes"] == 4 and meta["classes"][0] == "__background__"
     assert meta["images"] == 22 and meta["skipped_without_boxes"] == 2
-    assert [h["iteration"] for h in meta["history"]] == [1, 2]
+    assert [h["iteration"] for h in meta["history"]] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in meta["history"])
     assert {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg", "lr", "images_per_s"} <= \
         set(meta["history"][0])
     state = torch.load(tmp_path / "run" / "detector_final.pt", weights_only=True)
-    build_detector("faster_rcnn_fpn", TINY, 3).load_state_dict(state, strict=True)
+    build_detector("faster_rcnn_fpn", backbone, 3).load_state_dict(state, strict=True)
     assert (tmp_path / "run" / "config.yaml").is_file()
 
-    capfd.readouterr()
-    meta = pretrain(small_config(pseudo_run, tmp_path / "run", max_iters=3, checkpoint_every=1))
-    out = capfd.readouterr()
-    assert "resuming at iteration 2/3" in out.out + out.err
-    assert meta["iterations"] == 3 and [h["iteration"] for h in meta["history"]] == [1, 2, 3]
+    # Settings that change what is learnt cannot change on a rerun: it would mix two runs.
+    with pytest.raises(ValueError, match=r"other settings \(max_iters: 3 then, 4 now\)"):
+        pretrain(dataclasses.replace(cfg, max_iters=4))
 
 
 def test_retinanet_worker_group_that_fails_once_is_restarted_and_finishes(pseudo_run, ray_session, tmp_path):
@@ -90,7 +101,7 @@ def test_learning_rate_warms_up_then_steps_down():
     cfg = PretrainConfig(max_iters=1000, warmup_iters=100, warmup_factor=0.01, lr_steps=(0.5, 0.9), batch_size=4,
                          num_workers=4)
     assert cfg.learning_rate() == pytest.approx(0.008 * 16 / 64)
-    assert [round(_lr_factor(cfg, i), 4) for i in (0, 50, 100, 499, 500, 899, 900)] == \
+    assert [round(schedule_factor(cfg, i), 4) for i in (0, 50, 100, 499, 500, 899, 900)] == \
         [0.01, 0.505, 1.0, 1.0, 0.1, 0.1, 0.01]
 
 

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dap_ray.data.sources import list_shards, read_shard
+from dap_ray.data.sources import ImageReader, id_to_path, list_shards, path_to_id, read_shard
 from tests.helpers import encode, photo
 
 
@@ -49,7 +49,7 @@ def test_tar_labels_from_synset_tars_folders_and_cls_members(tmp_path, rng):
     got = {r["image_id"]: (r["label"], r["error"]) for r in records(shards)}
     assert got == {
         "n02.tar::n02_1.JPEG": (1, ""),
-        "shard-000.tar::k1.jpg": (-1, "unknown class '1'"),  # a number is an index only without a class map
+        "shard-000.tar::k1.jpg": (1, ""),  # a WebDataset .cls number is a label index, class map or not
         "shard-000.tar::n01/img.jpg": (0, ""),
         "shard-000.tar::k2.jpg": (-1, "unknown class 'n99'"),
     }
@@ -88,3 +88,82 @@ def test_bad_inputs_are_named(tmp_path, fmt, message):
         list_shards(tmp_path, fmt)
     with pytest.raises(ValueError, match="input not found"):
         list_shards(tmp_path / "nope", "parquet")
+
+
+@pytest.mark.parametrize("name, image_id", [
+    ("", ""),
+    ("n01/a.JPEG", "n01/a.JPEG"),
+    ("n01/caf\u00e9.jpg", "n01/caf\u00e9.jpg"),  # UTF-8 names are their own ids
+    ("n01/100%.jpg", "n01/100%25.jpg"),
+    (b"n01/\xff\xfe.jpg".decode("utf-8", "surrogateescape"), "n01/%FF%FE.jpg"),  # Latin-1 bytes
+    (b"n01/%41\xe9.jpg".decode("utf-8", "surrogateescape"), "n01/%2541%E9.jpg"),
+])
+def test_image_ids_of_any_file_name_survive_the_round_trip(name, image_id):
+    assert path_to_id(name) == image_id
+    assert id_to_path(image_id) == name
+    image_id.encode("utf-8")  # writable to Parquet
+
+
+def test_non_utf8_file_names_are_mined_and_read_back(tmp_path, rng):
+    """A file name that is not UTF-8 (Latin-1 from an old archive) once killed the whole job."""
+    image = encode(photo(rng, 8, 8))
+    raw = tmp_path.as_posix().encode() + b"/n01/caf\xe9.png"
+    (tmp_path / "n01").mkdir()
+    with open(raw, "wb") as handle:
+        handle.write(image)
+    with tarfile.open(tmp_path / "t.tar", "w") as tar:
+        add(tar, b"n01/na\xefve.jpg".decode("utf-8", "surrogateescape"), image)
+    (tmp_path / "classes.txt").write_text("n01\n")
+    folder = records(list_shards(tmp_path, "folder", tmp_path / "classes.txt")[0])
+    tars = records(list_shards(tmp_path, "tar", tmp_path / "classes.txt")[0])
+    assert [r["image_id"] for r in folder] == ["n01/caf%E9.png"] and not folder[0]["error"]
+    assert [r["image_id"] for r in tars] == ["t.tar::n01/na%EFve.jpg"] and not tars[0]["error"]
+    pa.table({"image_id": [r["image_id"] for r in folder + tars]})  # the ids are valid Parquet strings
+    assert ImageReader(tmp_path, "folder").read("n01/caf%E9.png") == image
+    assert ImageReader(tmp_path, "tar").read("t.tar::n01/na%EFve.jpg") == image
+
+
+def test_tar_members_under_dot_slash_take_their_class_from_the_file_name(tmp_path, rng):
+    """`tar -C n01440764 -cf n01440764.tar .` names members ./n01440764_1.JPEG: the class is not '.'."""
+    image = encode(photo(rng, 8, 8))
+    with tarfile.open(tmp_path / "shard.tar", "w") as tar:
+        add(tar, "./n02_1.JPEG", image)
+        add(tar, "./n01/a.JPEG", image)
+    (tmp_path / "classes.txt").write_text("n01\nn02\n")
+    got = {r["image_id"]: (r["label"], r["error"]) for r in records(list_shards(tmp_path, "tar", tmp_path / "classes.txt")[0])}
+    assert got == {"shard.tar::./n02_1.JPEG": (1, ""), "shard.tar::./n01/a.JPEG": (0, "")}
+
+
+@pytest.mark.parametrize("cls, expected", [
+    (b"0", (0, "")),
+    (b"2", (2, "")),
+    (b"3", (-1, "label 3 is outside the class map's 3 classes")),
+    (b"b", (1, "")),
+    (b"zz", (-1, "unknown class 'zz'")),
+])
+def test_webdataset_numeric_labels_with_a_class_map(tmp_path, rng, cls, expected):
+    with tarfile.open(tmp_path / "shard.tar", "w") as tar:
+        add(tar, "k.jpg", encode(photo(rng, 8, 8)))
+        add(tar, "k.cls", cls)
+    (tmp_path / "classes.txt").write_text("a\nb\nc\n")
+    (got,) = records(list_shards(tmp_path, "tar", tmp_path / "classes.txt")[0])
+    assert (got["label"], got["error"]) == expected
+
+
+def test_read_failures_that_may_pass_are_marked_for_retry(tmp_path, rng):
+    image = encode(photo(rng, 8, 8))
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "ok.png").write_bytes(image)
+    (tmp_path / "pics" / "corrupt.png").write_bytes(image[:20])
+    pq.write_table(pa.table({"image": ["pics/ok.png", "pics/gone.png", "pics/corrupt.png"], "label": [0, 0, 0]}),
+                   tmp_path / "a.parquet")
+    got = {r["image_id"]: (bool(r["error"]), r["retry"]) for r in records(list_shards(tmp_path, "parquet")[0])}
+    # a missing file may still be being copied: retried; a corrupt one is read fine and fails to decode later
+    assert got == {"a.parquet::pics/ok.png": (False, False), "a.parquet::pics/gone.png": (True, True),
+                   "a.parquet::pics/corrupt.png": (False, False)}
+
+
+def test_a_shard_error_already_recorded_is_not_recorded_again(tmp_path):
+    (tmp_path / "bad.tar").write_bytes(b"this is not a tar file at all" * 40)
+    shards, _, _ = list_shards(tmp_path, "tar", skip=frozenset({"bad.tar::"}))
+    assert records(shards) == []

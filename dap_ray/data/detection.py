@@ -20,10 +20,13 @@ _ASPECT_EDGES = 2.0 ** np.linspace(-1, 1, 7)
 
 def resize_with_boxes(
     image: np.ndarray, boxes: np.ndarray, short_side: int, max_size: int, flip: bool
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Resize (H, W, 3) uint8 so its short side is ``short_side`` (long side at most
     ``max_size``, as torchvision's detection transform does), mirror if ``flip``, and map
-    (N, 4) xyxy float32 ``boxes`` along. Boxes left under one pixel wide or high are dropped."""
+    (N, 4) xyxy float32 ``boxes`` along.
+
+    Returns the image, the (M, 4) float32 boxes kept and ``keep``, (N,) bool: boxes left
+    under one pixel wide or high are dropped, and ``labels[keep]`` follows them."""
     height, width = image.shape[:2]
     scale = min(short_side / min(height, width), max_size / max(height, width))
     new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
@@ -35,7 +38,7 @@ def resize_with_boxes(
         resized = resized[:, ::-1]
         out = np.stack([new_w - out[:, 2], out[:, 1], new_w - out[:, 0], out[:, 3]], 1).astype(np.float32)
     keep = ((out[:, 2] - out[:, 0]) >= 1) & ((out[:, 3] - out[:, 1]) >= 1)
-    return np.ascontiguousarray(resized), out[keep].reshape(-1, 4)
+    return np.ascontiguousarray(resized), out[keep].reshape(-1, 4), keep
 
 
 def collate_detection(samples: list[dict]) -> list[dict]:

@@ -8,23 +8,24 @@ colour modes are converted rather than rejected, and unreadable inputs raise
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "IMAGE_EXTENSIONS", "MAX_IMAGE_PIXELS", "BadImageError", "FolderListing",
-    "decode_image", "list_image_folder", "read_class_map",
+    "classifier_classes", "decode_image", "first_class_difference", "list_image_folder", "read_class_map",
 ]
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"})
-# Larger images are refused (decompression bombs): 16k x 16k covers any real photo.
+# Larger images are refused (decompression bombs): 16k x 16k (268M pixels) covers any real photo.
 MAX_IMAGE_PIXELS = 16384 * 16384
 
 
@@ -33,14 +34,22 @@ class BadImageError(ValueError):
 
 
 def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Encoded image bytes to an (H, W, 3) uint8 RGB array.
+    """Encoded image bytes to an (H, W, 3) uint8 RGB array, turned upright by its EXIF orientation.
 
-    Grayscale, palette, CMYK, alpha (dropped) and 16-bit images are converted. Raises
-    :class:`BadImageError` for empty, truncated, corrupt or non-image data and for images
-    of more than ``max_pixels`` pixels (checked from the header, before decoding).
+    The EXIF orientation tag is applied (as viewers, detectron2's ``read_image`` and
+    torchvision's ``decode_image(..., apply_exif_orientation=True)`` do), so H and W, and
+    every box in the image's pixels, are those of the upright image, in mining, export and
+    training alike. Grayscale, palette, CMYK, alpha (dropped) and 16-bit images are
+    converted. Raises :class:`BadImageError` for empty, truncated, corrupt or non-image
+    data and for images of more than ``max_pixels`` pixels (checked from the header,
+    before decoding).
     """
     if not data:
         raise BadImageError("empty file")
+    guard = Image.MAX_IMAGE_PIXELS
+    # PIL's own guard would refuse from 179M pixels (twice its default): ours, from the header
+    # just below and before any decoding, is the one limit.
+    Image.MAX_IMAGE_PIXELS = None
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
@@ -49,7 +58,8 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
             if width < 1 or height < 1:
                 raise BadImageError(f"image has no pixels ({width}x{height})")
             image.load()
-            return _to_rgb(image)
+            upright = ImageOps.exif_transpose(image)
+            return _to_rgb(upright if upright is not None else image)
     except BadImageError:
         raise
     except UnidentifiedImageError:
@@ -58,6 +68,8 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
         raise BadImageError(f"decompression bomb: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise BadImageError(f"corrupt or truncated image: {exc}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = guard
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:
@@ -94,6 +106,31 @@ def read_class_map(path: str | Path) -> list[str]:
     if duplicates:
         raise ValueError(f"class map {path} lists some classes twice: {duplicates[:5]}")
     return names
+
+
+def classifier_classes(weights: str | Path | None) -> list[str] | None:
+    """The class names, in output order, of a classifier that Step 1 trained: the ``classes`` of
+    the ``meta.json`` beside its weights file. None for other weights (a model zoo checkpoint)."""
+    if not weights:
+        return None
+    meta = Path(weights).resolve().parent / "meta.json"
+    if not meta.is_file():
+        return None
+    try:
+        classes = json.loads(meta.read_text()).get("classes")
+    except (OSError, ValueError):
+        return None
+    return [str(c) for c in classes] if isinstance(classes, list) and classes else None
+
+
+def first_class_difference(given: list[str], expected: list[str]) -> str | None:
+    """Where two class orders first part, in words (line numbers from 1), or None when they agree."""
+    for i, (a, b) in enumerate(zip(given, expected)):
+        if a != b:
+            return f"line {i + 1} is {a!r} where the classifier has {b!r}"
+    if len(given) != len(expected):
+        return f"it lists {len(given)} classes where the classifier has {len(expected)}"
+    return None
 
 
 @dataclass

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from dap_ray.data.detection import resize_with_boxes
+from dap_ray.data.loading import ReplacingDataset
 
 __all__ = ["PseudoBoxDataset", "PseudoBoxes", "load_pseudo_boxes"]
 
@@ -82,7 +83,7 @@ def load_pseudo_boxes(boxes_dir: str | Path, max_boxes_per_image: int | None = N
     )
 
 
-class PseudoBoxDataset(torch.utils.data.Dataset):
+class PseudoBoxDataset(ReplacingDataset):
     """Training samples keyed by ``(index, short_side, flip)`` (:class:`AspectBatchSampler` keys).
 
     Returns ``{"image": (3, h, w) uint8 tensor, "boxes": (N, 4) float32 xyxy pixels of the
@@ -97,17 +98,8 @@ class PseudoBoxDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.pseudo)
 
-    def __getitem__(self, key: tuple[int, int, bool]) -> dict:
-        index, short_side, flip = key
-        for attempt in range(self._ATTEMPTS):
-            sample = self._load((index + attempt) % len(self.pseudo), short_side, flip)
-            if sample is not None:
-                return sample
-        raise RuntimeError(f"{self._ATTEMPTS} images in a row from {self.pseudo.image_ids[index]!r} on could not be read")
-
-    # An unreadable image is replaced by the next one, so that no rank's batch ever comes
-    # out empty (under DDP every rank must take every step).
-    _ATTEMPTS = 16
+    def _describe(self, index: int) -> str:
+        return repr(self.pseudo.image_ids[index])
 
     def _load(self, index: int, short_side: int, flip: bool) -> dict | None:
         from dap_ray.data.images import BadImageError, decode_image
@@ -123,7 +115,7 @@ class PseudoBoxDataset(torch.utils.data.Dataset):
             print(f"skipping {image_id}: it is {image.shape[1]}x{image.shape[0]} but was mined at {width}x{height}",
                   flush=True)
             return None
-        resized, boxes = resize_with_boxes(image, self.pseudo.boxes_of(index), short_side, self.max_size, flip)
+        resized, boxes, _ = resize_with_boxes(image, self.pseudo.boxes_of(index), short_side, self.max_size, flip)
         label = int(self.pseudo.labels[index]) + 1
         return {"image": torch.from_numpy(resized).permute(2, 0, 1), "boxes": torch.from_numpy(boxes),
                 "labels": torch.full((len(boxes),), label, dtype=torch.int64), "image_id": image_id}

@@ -20,9 +20,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-__all__ = ["SHAPES", "SampleConfig", "make_sample_dataset", "render_sample_image"]
+__all__ = [
+    "EXTRA_PATTERNS", "EXTRA_SHAPES", "PATTERNS", "SHAPES", "SampleConfig", "draw_background",
+    "make_sample_dataset", "paint_pattern", "render_sample_image", "shape_mask",
+]
 
 SHAPES = ("disc", "square", "triangle", "star", "cross", "ring", "diamond", "hexagon", "crescent", "arrow")
+# Shapes and patterns this sample set never draws, kept for the Step 4 downstream sample
+# (dap_ray.data.downstream_sample), whose classes must be new to a model pre-trained here.
+EXTRA_SHAPES = ("heart", "chevron", "hourglass", "lshape", "semicircle", "frame")
+EXTRA_PATTERNS = ("diamonds", "zigzag")
 
 
 @dataclass(frozen=True)
@@ -87,7 +94,7 @@ def render_sample_image(rng: np.random.Generator, label: int, short_side: int) -
     """
     aspect = rng.choice([1.0, 4 / 3, 3 / 4, 3 / 2])
     width, height = (round(short_side * aspect), short_side) if aspect >= 1 else (short_side, round(short_side / aspect))
-    image = _background(rng, width, height)
+    image = draw_background(rng, width, height)
     count = rng.choice([1, 2, 3], p=[0.7, 0.2, 0.1])
     boxes: list[tuple[int, int, int, int]] = []
     for _ in range(count):
@@ -101,11 +108,11 @@ def render_sample_image(rng: np.random.Generator, label: int, short_side: int) -
                 break
         else:
             continue
-        mask = _shape_mask(SHAPES[label], w, h, rng)
+        mask = shape_mask(SHAPES[label], w, h, rng)
         ys, xs = np.nonzero(mask)
         if len(xs) == 0:
             continue
-        _paint(image[y : y + h, x : x + w], mask, rng, label)
+        paint_pattern(image[y : y + h, x : x + w], mask, rng, PATTERNS[label % len(PATTERNS)])
         boxes.append((x + xs.min(), y + ys.min(), x + xs.max() + 1, y + ys.max() + 1))
     return image, np.asarray(boxes, np.float32).reshape(-1, 4)
 
@@ -116,7 +123,8 @@ def _overlap(a, b) -> float:
     return iw * ih / min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
 
 
-def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+def draw_background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """An (height, width, 3) uint8 RGB background: smooth colour noise, lines, outlines, specks."""
     coarse = rng.uniform(40, 215, (rng.integers(2, 6), rng.integers(2, 6), 3)).astype(np.float32)
     image = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
     image += rng.normal(0, 10, image.shape).astype(np.float32)
@@ -139,9 +147,12 @@ def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(v) for v in rng.integers(0, 256, 3))
 
 
-def _paint(patch: np.ndarray, mask: np.ndarray, rng: np.random.Generator, label: int) -> None:
-    """Fill ``mask`` in ``patch`` with the class's pattern in two random colours, the main one
-    far from the patch's mean colour. Patterns are mirror-symmetric, so flips keep the class."""
+def paint_pattern(patch: np.ndarray, mask: np.ndarray, rng: np.random.Generator, pattern: str) -> None:
+    """Fill the (h, w) bool ``mask`` in the (h, w, 3) uint8 ``patch`` (in place) with ``pattern``
+    (one of PATTERNS or EXTRA_PATTERNS) in two random colours, the main one far from the
+    patch's mean colour. Patterns are mirror-symmetric, so flips keep the class."""
+    if pattern not in PATTERNS and pattern not in EXTRA_PATTERNS:
+        raise ValueError(f"unknown pattern {pattern!r}: expected one of {PATTERNS + EXTRA_PATTERNS}")
     mean = patch.reshape(-1, 3).mean(axis=0)
     candidates = rng.integers(0, 256, (6, 3))
     main = candidates[np.argmax(np.abs(candidates - mean).sum(axis=1))].astype(np.float32)
@@ -149,7 +160,7 @@ def _paint(patch: np.ndarray, mask: np.ndarray, rng: np.random.Generator, label:
     h, w = mask.shape
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     period = rng.uniform(5, 9)
-    on = _pattern(PATTERNS[label % len(PATTERNS)], xx, yy, period)
+    on = _pattern(pattern, xx, yy, period)
     fill = np.where(on[..., None], second, main) + rng.normal(0, 5, (h, w, 3))
     soft = cv2.GaussianBlur(mask.astype(np.float32), (3, 3), 0)[..., None]
     patch[:] = np.clip(patch * (1 - soft) + fill * soft, 0, 255).astype(np.uint8)
@@ -180,11 +191,17 @@ def _pattern(name: str, xx: np.ndarray, yy: np.ndarray, period: float) -> np.nda
         return (r / period) % 1.0 < 0.5
     if name == "crosshatch":
         return (((xx + yy) / period) % 1.0 < 0.25) | (((xx - yy) / period) % 1.0 < 0.25)
+    if name == "diamonds":
+        return np.abs(phase_x - 0.5) + np.abs(phase_y - 0.5) < 0.3
+    if name == "zigzag":  # horizontal bands bent into a triangle wave, symmetric under a mirror
+        bend = np.abs(phase_x - 0.5)
+        return ((yy / period + bend) % 1.0) < 0.45
     return np.zeros_like(xx, dtype=bool)  # solid
 
 
-def _shape_mask(shape: str, w: int, h: int, rng: np.random.Generator) -> np.ndarray:
-    """A filled ``shape`` stretched to fill a (h, w) box, slightly rotated."""
+def shape_mask(shape: str, w: int, h: int, rng: np.random.Generator) -> np.ndarray:
+    """A filled ``shape`` (one of SHAPES or EXTRA_SHAPES) stretched to fill a (h, w) box,
+    slightly rotated and maybe mirrored: an (h, w) bool array."""
     size = 256
     canvas = np.zeros((size, size), np.uint8)
     c, r = size / 2, size * 0.48
@@ -223,8 +240,28 @@ def _shape_mask(shape: str, w: int, h: int, rng: np.random.Generator) -> np.ndar
         t = r * 0.25
         polygon([(c - r, c - t), (c + r * 0.2, c - t), (c + r * 0.2, c - r * 0.6), (c + r, c),
                  (c + r * 0.2, c + r * 0.6), (c + r * 0.2, c + t), (c - r, c + t)])
-    else:  # pragma: no cover - SHAPES is closed
-        raise ValueError(f"unknown shape {shape!r}")
+    elif shape == "heart":
+        for side in (-1, 1):
+            cv2.circle(canvas, (int(c + side * r * 0.48), int(c - r * 0.35)), int(r * 0.52), 1, -1)
+        polygon([(c - r * 0.98, c - r * 0.2), (c + r * 0.98, c - r * 0.2), (c, c + r)])
+    elif shape == "chevron":
+        polygon([(c, c - r * 0.6), (c + r, c + r * 0.6), (c + r * 0.45, c + r * 0.6), (c, c + r * 0.05),
+                 (c - r * 0.45, c + r * 0.6), (c - r, c + r * 0.6)])
+    elif shape == "hourglass":
+        polygon([(c - r * 0.8, c - r), (c + r * 0.8, c - r), (c + r * 0.12, c), (c - r * 0.12, c)])
+        polygon([(c - r * 0.12, c), (c + r * 0.12, c), (c + r * 0.8, c + r), (c - r * 0.8, c + r)])
+    elif shape == "lshape":
+        polygon([(c - r * 0.8, c - r), (c - r * 0.2, c - r), (c - r * 0.2, c + r * 0.4), (c + r * 0.8, c + r * 0.4),
+                 (c + r * 0.8, c + r), (c - r * 0.8, c + r)])
+    elif shape == "semicircle":
+        cv2.ellipse(canvas, (int(c), int(c + r * 0.5)), (int(r), int(r)), 0, 180, 360, 1, -1)
+    elif shape == "frame":
+        polygon([(c - r, c - r), (c + r, c - r), (c + r, c + r), (c - r, c + r)])
+        t = r * 0.5
+        cv2.fillPoly(canvas, [np.round(np.array([(c - t, c - t), (c + t, c - t), (c + t, c + t), (c - t, c + t)]))
+                              .astype(np.int32)], 0, cv2.LINE_8)
+    else:
+        raise ValueError(f"unknown shape {shape!r}: expected one of {SHAPES + EXTRA_SHAPES}")
     if rng.random() < 0.5 and shape not in ("disc", "ring"):
         canvas = canvas[:, ::-1].copy()
     rotation = cv2.getRotationMatrix2D((c, c), float(rng.uniform(-25, 25)), 1.0)

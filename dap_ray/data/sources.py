@@ -4,7 +4,13 @@ A shard is a plain dict that one Ray Data task reads: a chunk of a folder tree's
 one tar file, or one Parquet file. Listing shards never lists the images inside tars or
 Parquet files (14M files are not listed one by one); reading a shard yields one record per
 image: ``image_id`` (unique, stable across runs), ``label`` (int, -1 when unknown),
-``data`` (encoded bytes) and ``error`` (a reason, or "").
+``data`` (encoded bytes), ``error`` (a reason, or "") and ``retry`` (True when the error may
+be passing, a read that failed on an I/O error or a file not (yet) there: a rerun tries
+such images again, and never again those with a lasting fault such as a corrupt file).
+
+Image ids are text that survives Parquet (UTF-8) whatever the file names' bytes: a name's
+bytes that are not UTF-8, and every ``%``, are written as ``%XX`` (:func:`path_to_id`;
+:func:`id_to_path` reverses it). Names without either are their own ids.
 
 No Ray here: :mod:`dap_ray.steps.mine` runs :func:`read_shard` in Ray Data tasks.
 """
@@ -15,12 +21,44 @@ import os
 import tarfile
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import unquote_to_bytes
 
 from dap_ray.data.images import IMAGE_EXTENSIONS, list_image_folder, read_class_map
 
-__all__ = ["FORMATS", "ImageReader", "list_shards", "read_shard", "shard_key"]
+__all__ = ["FORMATS", "ImageReader", "id_to_path", "list_shards", "path_to_id", "read_shard", "shard_key"]
 
 FORMATS = ("folder", "tar", "parquet")
+
+
+def path_to_id(name: str) -> str:
+    """A file or member name as Python gives it (undecodable bytes as surrogates) to an image id.
+
+    Bytes that are not UTF-8, and ``%``, become ``%XX``; anything else is kept, so
+    ``n01440764/n01440764_10026.JPEG`` is its own id.
+    """
+    if "%" not in name:
+        try:
+            name.encode("utf-8")
+            return name
+        except UnicodeEncodeError:
+            pass
+    raw = name.encode("utf-8", "surrogateescape")
+    out = []
+    for char in raw.decode("utf-8", "surrogateescape"):
+        if char == "%":
+            out.append("%25")
+        elif "\udc80" <= char <= "\udcff":
+            out.append(f"%{ord(char) - 0xDC00:02X}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def id_to_path(image_id: str) -> str:
+    """The inverse of :func:`path_to_id`: the name to open (undecodable bytes as surrogates)."""
+    if "%" not in image_id:
+        return image_id
+    return unquote_to_bytes(image_id).decode("utf-8", "surrogateescape")
 
 
 def shard_key(image_id: str) -> str:
@@ -47,7 +85,9 @@ def list_shards(
         raise ValueError(f"unknown input format {fmt!r}: expected one of {FORMATS}")
     if fmt == "folder":
         listing = list_image_folder(root, class_map)
-        items = [(path, label) for path, label in listing.items if path not in skip]
+        # Shards carry ids (text that any serialiser takes), not names with undecodable bytes.
+        items = [(image_id, label) for image_id, label in ((path_to_id(p), l) for p, l in listing.items)
+                 if image_id not in skip]
         shards = [
             {"shard_id": f"folder-{i // shard_size:07d}", "format": fmt, "path": str(root),
              "members": [p for p, _ in items[i : i + shard_size]], "labels": [l for _, l in items[i : i + shard_size]],
@@ -73,7 +113,7 @@ def list_shards(
         by_shard.setdefault(shard_key(image_id), []).append(image_id)
     shards = []
     for i, path in enumerate(files):
-        name = path.relative_to(base).as_posix()
+        name = path_to_id(path.relative_to(base).as_posix())
         shards.append({"shard_id": f"{fmt}-{i:07d}", "format": fmt, "path": str(path), "name": name,
                        "members": [], "labels": [], "skip": sorted(by_shard.get(name, [])),
                        "image_column": image_column, "label_column": label_column, "classes": classes})
@@ -86,12 +126,12 @@ def read_shard(shard: dict) -> Iterator[dict]:
     skip = set(shard.get("skip") or ())
     if fmt == "folder":
         root = Path(shard["path"])
-        for member, label in zip(shard["members"], shard["labels"]):
+        for image_id, label in zip(shard["members"], shard["labels"]):
             try:
-                data = (root / member).read_bytes()
-                yield _record(member, label, data)
+                data = (root / id_to_path(image_id)).read_bytes()
+                yield _record(image_id, label, data)
             except OSError as exc:
-                yield _record(member, label, b"", f"cannot read file: {exc.strerror or exc}")
+                yield _record(image_id, label, b"", f"cannot read file: {exc.strerror or exc}", retry=True)
         return
     index = {name: i for i, name in enumerate(shard.get("classes") or [])}
     if fmt == "tar":
@@ -100,16 +140,19 @@ def read_shard(shard: dict) -> Iterator[dict]:
         yield from _read_parquet(shard, index, skip)
 
 
-def _record(image_id: str, label: int, data: bytes, error: str = "") -> dict:
-    return {"image_id": image_id, "label": int(label), "data": data, "error": error}
+def _record(image_id: str, label: int, data: bytes, error: str = "", retry: bool = False) -> dict:
+    return {"image_id": image_id, "label": int(label), "data": data, "error": error, "retry": bool(retry and error)}
 
 
 def _label_from_name(text: str, index: dict[str, int]) -> tuple[int, str]:
+    """A class name's label, or a label written as a number (WebDataset ``.cls``), with or without a class map."""
     text = text.strip()
     if text in index:
         return index[text], ""
-    if text.lstrip("-").isdigit() and not index:
+    if text.isdigit() and (not index or int(text) < len(index)):
         return int(text), ""
+    if text.isdigit():
+        return -1, f"label {text} is outside the class map's {len(index)} classes"
     return -1, f"unknown class {text!r}"
 
 
@@ -117,9 +160,14 @@ def _read_tar(shard: dict, index: dict[str, int], skip: set[str]) -> Iterator[di
     """ImageNet-21K style (one tar per synset: class = the tar's name, or a member's folder,
     or the part of its file name before '_') or WebDataset style (``key.cls`` beside ``key.jpg``)."""
     name = shard["name"]
+    if f"{name}::" in skip:  # the shard's own error was recorded by an earlier run
+        return
     try:
         tar = tarfile.open(shard["path"])
-    except (OSError, tarfile.TarError) as exc:
+    except OSError as exc:
+        yield _record(f"{name}::", -1, b"", f"cannot open tar: {exc}", retry=True)
+        return
+    except tarfile.TarError as exc:
         yield _record(f"{name}::", -1, b"", f"cannot open tar: {exc}")
         return
     with tar:
@@ -135,26 +183,34 @@ def _read_tar(shard: dict, index: dict[str, int], skip: set[str]) -> Iterator[di
                 elif ext.lower() in IMAGE_EXTENSIONS:
                     images.append(info)
         except (OSError, tarfile.TarError) as exc:
-            yield _record(f"{name}::", -1, b"", f"corrupt tar after {len(images)} images: {exc}")
-        tar_class = Path(name).stem
+            if f"{name}::" not in skip:
+                yield _record(f"{name}::", -1, b"", f"corrupt tar after {len(images)} images: {exc}",
+                              retry=isinstance(exc, OSError) and not isinstance(exc, tarfile.TarError))
+        tar_class = Path(id_to_path(name)).stem
         for info in images:
-            image_id = f"{name}::{info.name}"
+            image_id = f"{name}::{path_to_id(info.name)}"
             if image_id in skip:
                 continue
             stem = os.path.splitext(info.name)[0]
+            # "./n01440764_1.JPEG" (tar made with `tar -C dir .`) has no folder of its own.
+            member = info.name
+            while member.startswith("./"):
+                member = member[2:]
             if stem in classes:
                 label, error = _label_from_name(classes[stem], index)
-            elif "/" in info.name:
-                label, error = _label_from_name(info.name.split("/")[0], index)
+            elif "/" in member:
+                label, error = _label_from_name(member.split("/")[0], index)
             elif tar_class in index:
                 label, error = index[tar_class], ""
             else:
                 label, error = _label_from_name(os.path.basename(stem).split("_")[0], index)
+            retry = False
             try:
                 data = tar.extractfile(info).read()
             except (OSError, tarfile.TarError) as exc:
                 data, error = b"", f"cannot read tar member: {exc}"
-            yield _record(image_id, label, data, error)
+                retry = not isinstance(exc, tarfile.TarError)
+            yield _record(image_id, label, data, error, retry=retry)
 
 
 def _read_parquet(shard: dict, index: dict[str, int], skip: set[str]) -> Iterator[dict]:
@@ -164,8 +220,13 @@ def _read_parquet(shard: dict, index: dict[str, int], skip: set[str]) -> Iterato
 
     name, path = shard["name"], Path(shard["path"])
     image_column, label_column = shard["image_column"], shard["label_column"]
+    if f"{name}::" in skip:  # the shard's own error was recorded by an earlier run
+        return
     try:
         parquet = pq.ParquetFile(path)
+    except OSError as exc:
+        yield _record(f"{name}::", -1, b"", f"cannot open parquet: {exc}", retry=True)
+        return
     except Exception as exc:  # pyarrow raises several types for a bad file
         yield _record(f"{name}::", -1, b"", f"cannot open parquet: {exc}")
         return
@@ -176,7 +237,7 @@ def _read_parquet(shard: dict, index: dict[str, int], skip: set[str]) -> Iterato
     row = 0
     for batch in parquet.iter_batches(batch_size=256, columns=[image_column, label_column]):
         for value, label_value in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
-            image_id = f"{name}::{value}" if isinstance(value, str) else f"{name}::{row}"
+            image_id = f"{name}::{path_to_id(value)}" if isinstance(value, str) else f"{name}::{row}"
             row += 1
             if image_id in skip:
                 continue
@@ -186,16 +247,17 @@ def _read_parquet(shard: dict, index: dict[str, int], skip: set[str]) -> Iterato
                 label, error = -1, "missing label"
             else:
                 label, error = int(label_value), ""
+            retry = False
             if isinstance(value, (bytes, bytearray)):
                 data = bytes(value)
             elif isinstance(value, str):
                 try:
                     data = (path.parent / value).read_bytes()
                 except OSError as exc:
-                    data, error = b"", f"cannot read file: {exc.strerror or exc}"
+                    data, error, retry = b"", f"cannot read file: {exc.strerror or exc}", True
             else:
                 data, error = b"", "image column holds neither bytes nor a path"
-            yield _record(image_id, label, data, error)
+            yield _record(image_id, label, data, error, retry=retry)
 
 
 class ImageReader:
@@ -228,10 +290,11 @@ class ImageReader:
 
     def read(self, image_id: str) -> bytes:
         if self.fmt == "folder":
-            return (self.root / image_id).read_bytes()
+            return (self.root / id_to_path(image_id)).read_bytes()
         name, sep, key = image_id.partition("::")
         if not sep:
             raise KeyError(f"image id {image_id!r} is not of the form FILE::KEY ({self.fmt} input)")
+        name, key = id_to_path(name), id_to_path(key)
         if self.fmt == "tar":
             tar, members = self._open_tar(name)
             if key not in members:

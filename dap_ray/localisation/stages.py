@@ -5,9 +5,10 @@ tested directly. Images cross stages as encoded or raw bytes plus their shapes, 
 ragged tensor columns.
 
 Output rows (``boxes/*.parquet``): ``image_id`` string, ``label`` int32, ``width`` and
-``height`` int32 (original image), ``boxes`` list of 4-float lists (xyxy, original-image
-pixels), ``scores`` list of floats. Error rows (``errors/*.parquet``): ``image_id``,
-``label``, ``error`` (a readable reason).
+``height`` int32 (original image, after its EXIF orientation), ``boxes`` list of 4-float
+lists (xyxy, original-image pixels), ``scores`` list of floats. Error rows
+(``errors/*.parquet``): ``image_id``, ``label``, ``error`` (a readable reason), ``retry``
+(the failure may pass, such as an I/O error: a rerun tries the image again).
 """
 
 from __future__ import annotations
@@ -26,14 +27,15 @@ from dap_ray.localisation.boxes import BoxConfig, cam_to_boxes_batch
 # Smaller images hold nothing a stride-32 CAM can localise.
 MIN_IMAGE_SIDE = 8
 
-__all__ = ["BOXES_SCHEMA", "ERRORS_SCHEMA", "MIN_IMAGE_SIDE", "CamBoxStage", "decode_and_resize", "read_done_ids",
-           "write_results"]
+__all__ = ["BOXES_SCHEMA", "ERRORS_SCHEMA", "MIN_IMAGE_SIDE", "CamBoxStage", "decode_and_resize",
+           "drop_retryable_errors", "read_done_ids", "write_results"]
 
 BOXES_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("label", pa.int32()), ("width", pa.int32()), ("height", pa.int32()),
     ("boxes", pa.list_(pa.list_(pa.float32(), 4))), ("scores", pa.list_(pa.float32())),
 ])
-ERRORS_SCHEMA = pa.schema([("image_id", pa.string()), ("label", pa.int32()), ("error", pa.string())])
+ERRORS_SCHEMA = pa.schema([("image_id", pa.string()), ("label", pa.int32()), ("error", pa.string()),
+                           ("retry", pa.bool_())])
 
 
 
@@ -48,10 +50,12 @@ def decode_and_resize(batch: pa.Table, scales: tuple[int, ...], max_pixels: int 
     from dap_ray.localisation.cam import resize_short_side
 
     rows = batch.to_pydict()
-    out: dict[str, list] = {k: [] for k in ("image_id", "label", "width", "height", "error")}
+    out: dict[str, list] = {k: [] for k in ("image_id", "label", "width", "height", "error", "retry")}
     for j in range(len(scales)):
         out.update({f"pixels{j}": [], f"h{j}": [], f"w{j}": []})
-    for image_id, label, data, error in zip(rows["image_id"], rows["label"], rows["data"], rows["error"]):
+    retries = rows.get("retry") or [False] * len(rows["image_id"])
+    for image_id, label, data, error, retry in zip(rows["image_id"], rows["label"], rows["data"], rows["error"],
+                                                   retries):
         image = None
         if not error:
             try:
@@ -65,6 +69,7 @@ def decode_and_resize(batch: pa.Table, scales: tuple[int, ...], max_pixels: int 
         out["image_id"].append(image_id)
         out["label"].append(label)
         out["error"].append(error)
+        out["retry"].append(bool(retry and error))
         out["height"].append(image.shape[0] if image is not None else 0)
         out["width"].append(image.shape[1] if image is not None else 0)
         for j, scale in enumerate(scales):
@@ -123,6 +128,7 @@ class CamBoxStage:
         return pa.table({
             "image_id": rows["image_id"], "label": rows["label"], "width": rows["width"], "height": rows["height"],
             "boxes": boxes, "scores": scores, "error": errors,
+            "retry": [bool(r and e) for r, e in zip(rows.get("retry") or [False] * n, errors)],
         })
 
 
@@ -145,8 +151,10 @@ def write_results(batch: pa.Table, output: str) -> pa.Table:
         }, schema=BOXES_SCHEMA)
         _write_atomic(table, Path(output) / "boxes" / f"part-{digest}.parquet")
     if bad:
+        retry = rows.get("retry") or [False] * len(rows["image_id"])
         table = pa.table({"image_id": [rows["image_id"][i] for i in bad], "label": [rows["label"][i] for i in bad],
-                          "error": [rows["error"][i] for i in bad]}, schema=ERRORS_SCHEMA)
+                          "error": [rows["error"][i] for i in bad], "retry": [bool(retry[i]) for i in bad]},
+                         schema=ERRORS_SCHEMA)
         _write_atomic(table, Path(output) / "errors" / f"part-{digest}.parquet")
     return pa.table({"images": [len(ok)], "errors": [len(bad)], "boxes": [sum(len(rows["boxes"][i]) for i in ok)]})
 
@@ -156,6 +164,29 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     pq.write_table(table, partial)
     os.replace(partial, path)
+
+
+def drop_retryable_errors(output: str | Path) -> int:
+    """Remove from ``output/errors`` the rows whose failure may pass (``retry``), so that a rerun
+    tries those images again; return how many. Each file is rewritten whole (or removed).
+
+    A rerun killed after this leaves those images not done, so they are still mined later:
+    nothing is lost. Files from before the ``retry`` column count as lasting failures.
+    """
+    dropped = 0
+    for path in sorted((Path(output) / "errors").glob("part-*.parquet")):
+        table = pq.read_table(path)
+        if "retry" not in table.column_names:
+            continue
+        keep = [not r for r in table.column("retry").to_pylist()]
+        if all(keep):
+            continue
+        dropped += keep.count(False)
+        if any(keep):
+            _write_atomic(table.filter(pa.array(keep)), path)
+        else:
+            path.unlink()
+    return dropped
 
 
 def read_done_ids(output: str | Path) -> frozenset[str]:

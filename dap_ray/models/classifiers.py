@@ -47,7 +47,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-__all__ = ["CamModel", "ResNetCam", "TORCHVISION_CLASSIFIERS", "as_cam_model", "load_classifier"]
+__all__ = ["CamModel", "ResNetCam", "TORCHVISION_CLASSIFIERS", "as_cam_model", "load_classifier", "unwrap_ddp"]
 
 # torchvision builders accepted by name: ResNet-family models end in avgpool + fc.
 TORCHVISION_CLASSIFIERS = {

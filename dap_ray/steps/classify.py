@@ -25,16 +25,19 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchvision.transforms import v2 as T
 
 from dap_ray.config import config_to_dict, save_config
 from dap_ray.data.images import BadImageError, decode_image, list_image_folder
+from dap_ray.data.loading import ReplacingDataset
 from dap_ray.localisation.cam import IMAGENET_MEAN, IMAGENET_STD
 from dap_ray.models.classifiers import load_classifier, unwrap_ddp
+from dap_ray.runs import check_same_settings, open_run
 from dap_ray.steps.ray_setup import (
     cpus_per_worker,
     fit_torch_trainer,
+    has_checkpoint,
     init_ray,
     train_worker_rank,
 )
@@ -90,16 +93,25 @@ class ClassifierTrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
 
 
-class ImageListDataset(Dataset):
-    """(path relative to ``root``, label) items to (image tensor, label); unreadable images give None."""
+class ImageListDataset(ReplacingDataset):
+    """(path relative to ``root``, label) items to (image tensor, label).
 
-    def __init__(self, root: str | Path, items: list[tuple[str, int]], transform):
+    ``replace_unreadable``: an unreadable image is named in a warning and replaced by the
+    next readable one (training; see :class:`dap_ray.data.loading.ReplacingDataset`);
+    otherwise it gives None, which the collate drops (validation).
+    """
+
+    def __init__(self, root: str | Path, items: list[tuple[str, int]], transform, replace_unreadable: bool = False):
         self.root, self.items, self.transform = Path(root), items, transform
+        self.replace = replace_unreadable
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int):
+    def _describe(self, index: int) -> str:
+        return f"{self.items[index][0]!r} under {self.root}"
+
+    def _load(self, index: int):
         path, label = self.items[index]
         try:
             image = decode_image((self.root / path).read_bytes())
@@ -149,7 +161,7 @@ def _train_loop(loop_config: dict) -> None:
     torch.manual_seed(cfg.seed + rank)
 
     train_tf, val_tf = _transforms(cfg.image_size, cfg.crop_scale_min)
-    train_set = ImageListDataset(cfg.data, loop_config["train_items"], train_tf)
+    train_set = ImageListDataset(cfg.data, loop_config["train_items"], train_tf, replace_unreadable=True)
     val_items = loop_config["val_items"][rank::world]  # each rank scores a disjoint slice
     loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_set) > cfg.batch_size * world,
                         num_workers=cfg.loader_workers, collate_fn=_collate, persistent_workers=cfg.loader_workers > 0)
@@ -200,9 +212,7 @@ def _train_loop(loop_config: dict) -> None:
         loss_sum = 0.0
         started = last_print = time.perf_counter()
         for step, batch in enumerate(loader):
-            if batch is None:
-                continue
-            images, labels = batch
+            images, labels = batch  # never None: unreadable training images are replaced
             images = images.to(device).contiguous(memory_format=torch.channels_last)
             labels = labels.to(device)
             with autocast:
@@ -269,20 +279,62 @@ def _evaluate(model, loader, device, autocast) -> tuple[int, int]:
     return correct, seen
 
 
+# Settings that change how the work is spread, not what is learnt: a rerun may change them.
+OPERATIONAL = ("output", "use_gpu", "cpus_per_worker", "loader_workers", "max_failures", "storage_path")
+
+
+def saved_split(output: Path, items: list[tuple[str, int]], cfg: ClassifierTrainConfig,
+                resuming: bool) -> tuple[list, list]:
+    """The run's train/validation split: computed once and kept in ``output/split.json``, so that a
+    resumed run validates on the images it held out before, whatever was added to or removed
+    from the folder since (images new to the folder are left out, with a warning)."""
+    path = output / "split.json"
+    if resuming and path.is_file():
+        saved = json.loads(path.read_text())
+        train, val = ([tuple(item) for item in saved[key]] for key in ("train", "val"))
+        known = {p for p, _ in train} | {p for p, _ in val}
+        new = [p for p, _ in items if p not in known]
+        present = {p for p, _ in items}
+        gone = sorted(known - present)
+        if new:
+            print(f"warning: {len(new)} images not in this run's saved split are left out (e.g. {new[0]}); "
+                  f"train in another --output to use them", flush=True)
+        if gone:
+            print(f"warning: {len(gone)} images of this run's split are gone (e.g. {gone[0]}); "
+                  "they are skipped when read", flush=True)
+        return train, val
+    train, val = split_items(items, cfg.val_fraction, cfg.seed)
+    path.write_text(json.dumps({"train": train, "val": val}))
+    return train, val
+
+
 def train_classifier(cfg: ClassifierTrainConfig) -> dict:
-    """Train on Ray Train, write ``classifier.pt`` and ``meta.json`` under ``cfg.output``; return the meta."""
+    """Train on Ray Train, write ``classifier.pt`` and ``meta.json`` under ``cfg.output``; return the meta.
+
+    Holds the output folder's lock (:func:`dap_ray.runs.open_run`); a rerun resumes from the
+    last checkpoint with the saved split, and stops if a setting outside :data:`OPERATIONAL`
+    differs from the run's.
+    """
     # Workers run in other directories: every path they see must be absolute.
     cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()),
                               class_map=str(Path(cfg.class_map).resolve()) if cfg.class_map else None)
     listing = list_image_folder(cfg.data, cfg.class_map)
     for line in listing.problems():
         print(f"warning: {line}", flush=True)
-    train_items, val_items = split_items(listing.items, cfg.val_fraction, cfg.seed)
-    if not val_items:
-        raise ValueError(f"no validation images: {len(listing.items)} images are too few for val_fraction {cfg.val_fraction}")
-    output = Path(cfg.output).resolve()
-    output.mkdir(parents=True, exist_ok=True)
+    with open_run(Path(cfg.output).resolve()) as output:
+        storage = Path(cfg.storage_path).resolve() if cfg.storage_path else output / "ray"
+        resuming = has_checkpoint(storage, "classifier") or (output / "classifier.pt").is_file()
+        if resuming:
+            check_same_settings(output, config_to_dict(cfg), "a classifier run", except_keys=OPERATIONAL)
+        train_items, val_items = saved_split(output, listing.items, cfg, resuming)
+        if not val_items:
+            raise ValueError(f"no validation images: {len(listing.items)} images are too few for val_fraction "
+                             f"{cfg.val_fraction}")
+        return _train(cfg, listing, train_items, val_items, output, storage)
 
+
+def _train(cfg: ClassifierTrainConfig, listing, train_items: list, val_items: list, output: Path,
+           storage: Path) -> dict:
     init_ray()
     resolved = dataclasses.replace(cfg, cpus_per_worker=cpus_per_worker(cfg.cpus_per_worker, cfg.use_gpu, cfg.num_workers))
     save_config(resolved, output / "config.yaml")
@@ -292,7 +344,7 @@ def train_classifier(cfg: ClassifierTrainConfig) -> dict:
         _train_loop,
         {"config": config_to_dict(resolved), "train_items": train_items, "val_items": val_items,
          "num_classes": len(listing.classes)},
-        name="classifier", storage=Path(cfg.storage_path).resolve() if cfg.storage_path else output / "ray",
+        name="classifier", storage=storage,
         num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, cpus=resolved.cpus_per_worker,
         max_failures=cfg.max_failures, state_file=_STATE_FILE)
     torch.save(state["model"], output / "classifier.pt")

@@ -15,12 +15,17 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dap_ray.steps.mine import MineConfig
-from dap_ray.steps.pretrain.config import PretrainConfig
+if TYPE_CHECKING:  # the step modules import torch: the mining job's driver never needs it
+    from dap_ray.steps.finetune import FinetuneConfig
+    from dap_ray.steps.mine import MineConfig
+    from dap_ray.steps.pretrain.config import PretrainConfig
+    from dap_ray.steps.tune import TuneBoxesConfig, TuneFinetuneConfig
 
-__all__ = ["SAMPLE_MIN_SIZES", "SAMPLE_PRETRAIN", "SAMPLE_SCALES", "mine_defaults", "pretrain_defaults",
-           "sample_cache", "sample_classifier", "sample_dataset", "sample_pseudo_boxes"]
+__all__ = ["SAMPLE_FINETUNE", "SAMPLE_MIN_SIZES", "SAMPLE_PRETRAIN", "SAMPLE_SCALES", "finetune_defaults",
+           "mine_defaults", "pretrain_defaults", "tune_boxes_defaults", "tune_finetune_defaults", "sample_cache", "sample_classifier", "sample_dataset",
+           "sample_downstream", "sample_pretrained_detector", "sample_pseudo_boxes"]
 
 # The sample's 128 px images and 96 px training crops stand to (96, 192) as ImageNet's
 # ~400 px images and 224 px crops stand to the paper's (288, 576).
@@ -30,6 +35,13 @@ SAMPLE_MIN_SIZES = (32, 64, 96, 192)
 # The sample's pre-training: minutes on 2 CPU cores. Applied to options still at the paper's default.
 SAMPLE_PRETRAIN = dict(max_iters=100, warmup_iters=25, batch_size=4, num_workers=2, lr=0.01, checkpoint_every=25,
                        roi_batch_size_per_image=128, loader_workers=0, min_sizes=SAMPLE_MIN_SIZES, max_size=320)
+
+
+# The downstream sample's fine-tuning: its images are 128-160 px, as VOC's ~500 px stand to 640;
+# they hold at most 4 objects, so 300 test proposals do (evaluation is then 3x faster on CPU).
+# 150 iterations of 4 images (2 epochs) take about 4 minutes on 2 CPU cores.
+SAMPLE_FINETUNE = dict(min_sizes=(160,), max_size=320, batch_size=4, loader_workers=0, max_iters=150,
+                       checkpoint_every=50, roi_batch_size_per_image=128, test_proposals=300)
 
 
 def sample_cache(cache: str | Path | None = None) -> Path:
@@ -63,7 +75,7 @@ def sample_classifier(cache: str | Path | None = None) -> Path:
 
 def sample_pseudo_boxes(cache: str | Path | None = None) -> Path:
     """Step 2 on the sample: the mining run's folder (``boxes/``, ``summary.json``), mined on first use."""
-    from dap_ray.steps.mine import mine
+    from dap_ray.steps.mine import MineConfig, mine
 
     mined = sample_cache(cache) / "mined"
     if not (mined / "summary.json").is_file():
@@ -91,6 +103,8 @@ def pretrain_defaults(cfg: PretrainConfig, cache: str | Path | None = None) -> P
     Options the user left at the paper's defaults become a small run that takes minutes
     on 2 CPU cores (:data:`SAMPLE_PRETRAIN`); options the user set are kept.
     """
+    from dap_ray.steps.pretrain.config import PretrainConfig
+
     if cfg.boxes is not None:
         return cfg
     mined, run = sample_pseudo_boxes(cache), sample_classifier(cache)
@@ -101,3 +115,75 @@ def pretrain_defaults(cfg: PretrainConfig, cache: str | Path | None = None) -> P
         small.update(backbone=meta["arch"], backbone_weights=str(run / "classifier.pt"))
     print(f"pre-training on the built-in sample's pseudo boxes ({mined / 'boxes'})", flush=True)
     return dataclasses.replace(cfg, boxes=str(mined / "boxes"), **small)
+
+
+def sample_pretrained_detector(cache: str | Path | None = None, **overrides) -> Path:
+    """Step 3 on the sample: the run folder of a detector pre-trained on its pseudo boxes, trained on
+    first use (``jobs/pretrain.py``'s embedded default; ``overrides`` change it, into its own folder)."""
+    from dap_ray.steps.pretrain import PretrainConfig, pretrain
+
+    name = "pretrained" + "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
+    run = sample_cache(cache) / name
+    if not (run / "meta.json").is_file():
+        print(f"first run: pre-training a detector on the sample's pseudo boxes into {run} (minutes)", flush=True)
+        pretrain(pretrain_defaults(PretrainConfig(output=str(run), **overrides), cache))
+    return run
+
+
+def sample_downstream(cache: str | Path | None = None) -> Path:
+    """The built-in downstream sample (new classes; COCO JSON and VOC layout), generated on first use."""
+    from dap_ray.data.downstream_sample import DownstreamSampleConfig, make_downstream_sample
+
+    folder = sample_cache(cache) / "downstream"
+    if not (folder / "downstream_config.json").is_file():
+        print(f"first run: generating the built-in downstream sample in {folder} (seconds)", flush=True)
+        make_downstream_sample(folder, DownstreamSampleConfig())
+    return folder
+
+
+def finetune_defaults(cfg: FinetuneConfig, cache: str | Path | None = None) -> FinetuneConfig:
+    """``cfg`` as it is when it names training data; else the downstream sample, fine-tuned from the
+    sample's DAP pre-training (made on first use) unless ``init`` says otherwise.
+
+    Options the user left at the paper's defaults become the sample's small run
+    (:data:`SAMPLE_FINETUNE`); options the user set are kept.
+    """
+    from dap_ray.steps.finetune import FinetuneConfig
+
+    if cfg.train is not None:
+        return cfg
+    folder = sample_downstream(cache)
+    defaults = FinetuneConfig()
+    small = {k: v for k, v in SAMPLE_FINETUNE.items() if getattr(cfg, k) == getattr(defaults, k)}
+    init = cfg.init or f"dap:{sample_pretrained_detector(cache)}"
+    print(f"fine-tuning on the built-in downstream sample ({folder}) from {init}", flush=True)
+    return dataclasses.replace(cfg, train=str(folder / "coco" / "train.json"), test=str(folder / "coco" / "test.json"),
+                               format="coco", train_images=str(folder / "images"), test_images=str(folder / "images"),
+                               init=init, preset=cfg.preset or "voc", **small)
+
+
+def tune_boxes_defaults(cfg: TuneBoxesConfig, cache: str | Path | None = None) -> TuneBoxesConfig:
+    """``cfg`` as it is when it names true boxes; else the sample's true boxes and its classifier."""
+    if cfg.gt_boxes is not None:
+        return cfg
+    sample, run = sample_dataset(cache), sample_classifier(cache)
+    meta = json.loads((run / "meta.json").read_text())
+    print(f"sweeping box settings on the built-in sample's true boxes ({sample / 'gt_boxes.json'})", flush=True)
+    return dataclasses.replace(cfg, gt_boxes=str(sample / "gt_boxes.json"), images=str(sample / "images"),
+                               classifier=meta["arch"], weights=str(run / "classifier.pt"),
+                               class_map=str(sample / "classes.txt"), scales=SAMPLE_SCALES)
+
+
+def tune_finetune_defaults(cfg: TuneFinetuneConfig, cache: str | Path | None = None) -> TuneFinetuneConfig:
+    """``cfg`` as it is when it names training data; else the downstream sample from the sample's DAP
+    pre-training, with the sample's fine-tuning sizes (:data:`SAMPLE_FINETUNE`)."""
+    if cfg.train is not None:
+        return cfg
+    folder = sample_downstream(cache)
+    init = cfg.init or f"dap:{sample_pretrained_detector(cache)}"
+    sizes = {k: v for k, v in SAMPLE_FINETUNE.items() if k in ("min_sizes", "max_size", "batch_size",
+                                                                "roi_batch_size_per_image", "test_proposals",
+                                                                "loader_workers")}
+    print(f"sweeping k-shot fine-tuning on the built-in downstream sample ({folder}) from {init}", flush=True)
+    return dataclasses.replace(cfg, train=str(folder / "coco" / "train.json"), train_images=str(folder / "images"),
+                               format="coco", init=init, preset=cfg.preset or "voc", **sizes)

@@ -21,16 +21,20 @@ from pathlib import Path
 from typing import Literal
 
 import pyarrow.parquet as pq
+import yaml
 
 from dap_ray.config import config_to_dict, save_config
+from dap_ray.data.images import classifier_classes, first_class_difference, read_class_map
 from dap_ray.data.sources import list_shards, read_shard
 from dap_ray.localisation.boxes import BoxConfig
 from dap_ray.localisation.stages import (
     CamBoxStage,
     decode_and_resize,
+    drop_retryable_errors,
     read_done_ids,
     write_results,
 )
+from dap_ray.runs import open_run, settings_differ
 from dap_ray.steps.ray_setup import init_ray
 
 __all__ = ["MAX_CPU_ACTORS", "MineConfig", "mine", "pool_problem", "resolve_actor_pool"]
@@ -62,6 +66,9 @@ class MineConfig:
     nms_iou: float = field(default=0.8, metadata={"help": "NMS IoU"})
     preset: Literal["official", "paper"] = field(default="official", metadata={
         "help": "official: the authors' released script; paper: the equations as printed"})
+    size_measure: Literal["rectangle", "cells"] | None = field(default=None, metadata={
+        "help": "how components are sized, ranked and kept (half the largest): their bounding rectangle's area or "
+                "their cell count (default: the preset's; jobs/tune_boxes.py searches it)"})
     batch_size: int = field(default=32, metadata={"help": "images per model batch"})
     num_gpus_per_actor: float = field(default=0.0, metadata={"help": "GPUs per model actor (0: CPU actors)"})
     actors: tuple[int, ...] | None = field(default=None, metadata={
@@ -95,7 +102,9 @@ class MineConfig:
         self.box_config()  # thresholds, nms_iou and preset checked where they live
 
     def box_config(self) -> BoxConfig:
-        return BoxConfig.from_preset(self.preset, scale=max(self.scales), thresholds=self.thresholds, nms_iou=self.nms_iou)
+        extra = {"size_measure": self.size_measure} if self.size_measure else {}
+        return BoxConfig.from_preset(self.preset, scale=max(self.scales), thresholds=self.thresholds, nms_iou=self.nms_iou,
+                                     **extra)
 
 
 def resolve_actor_pool(cfg: MineConfig, node_cpus: int, shards: int | None = None) -> MineConfig:
@@ -137,20 +146,78 @@ def pool_problem(cfg: MineConfig, cluster_cpus: float) -> str | None:
     return None
 
 
+# Settings that change the boxes: a rerun into an output that holds boxes must keep them.
+BOX_SETTINGS = ("input", "format", "classifier", "weights", "num_classes", "class_map", "scales", "flip", "thresholds",
+                "nms_iou", "preset", "size_measure", "image_column", "label_column")
+
+
 def mine(cfg: MineConfig) -> dict:
-    """Run Step 2 and return the summary written to ``cfg.output/summary.json``."""
+    """Run Step 2 and return the summary written to ``cfg.output/summary.json``.
+
+    Holds ``cfg.output``'s lock for the run (:func:`dap_ray.runs.open_run`); a rerun into an
+    output that already holds boxes resumes, and stops if any of :data:`BOX_SETTINGS` differ.
+    """
+    if cfg.input is None:
+        raise ValueError("no --input given (the jobs fill in the built-in sample: dap_ray.steps.embedded)")
+    absolute = {k: str(Path(getattr(cfg, k)).resolve()) for k in ("input", "weights", "class_map", "gt_boxes")
+                if getattr(cfg, k)}
+    cfg = dataclasses.replace(cfg, **absolute)
+    if cfg.weights and not Path(cfg.weights).is_file():
+        raise ValueError(f"classifier weights not found: {cfg.weights}")
+    if cfg.class_map and not Path(cfg.class_map).is_file():
+        raise ValueError(f"class map not found: {cfg.class_map}")
+    with open_run(Path(cfg.output).resolve()) as output:
+        return _mine(cfg, output)
+
+
+def _classifier_class_map(cfg: MineConfig, output: Path) -> MineConfig:
+    """``cfg`` labelling images in the classifier's own class order, when Step 1's ``meta.json`` gives it.
+
+    A class map that disagrees with it is an error: every CAM would be taken for the wrong class.
+    """
+    known = classifier_classes(cfg.weights)
+    if known is None:
+        return cfg
+    meta = Path(cfg.weights).parent / "meta.json"
+    if cfg.class_map:
+        difference = first_class_difference(read_class_map(cfg.class_map), known)
+        if difference:
+            raise ValueError(f"class map {cfg.class_map} disagrees with the classes the classifier was trained on "
+                             f"({meta}): {difference}")
+        return cfg
+    path = output / "classes.txt"
+    if not path.is_file() or path.read_text().split() != known:
+        path.write_text("".join(f"{name}\n" for name in known))
+    print(f"labelling images in the classifier's class order ({meta}; written to {path})", flush=True)
+    return dataclasses.replace(cfg, class_map=str(path))
+
+
+def _comparable(settings: dict) -> dict:
+    """Settings with the class map's path replaced by its classes: the same list from two paths is the same."""
+    path = settings.get("class_map")
+    if path and Path(path).is_file():
+        return {**settings, "class_map": read_class_map(path)}
+    return settings
+
+
+def _mine(cfg: MineConfig, output: Path) -> dict:
     import ray
     from ray.data import ActorPoolStrategy
 
-    if cfg.input is None:
-        raise ValueError("no --input given (the jobs fill in the built-in sample: dap_ray.steps.embedded)")
-    cfg = dataclasses.replace(cfg, input=str(Path(cfg.input).resolve()),
-                              weights=str(Path(cfg.weights).resolve()) if cfg.weights else None)
-    if cfg.weights and not Path(cfg.weights).is_file():
-        raise ValueError(f"classifier weights not found: {cfg.weights}")
-    output = Path(cfg.output).resolve()
-    output.mkdir(parents=True, exist_ok=True)
+    cfg = _classifier_class_map(cfg, output)
+    saved = output / "config.yaml"
     done = read_done_ids(output)
+    if done and saved.is_file():
+        previous = _comparable(yaml.safe_load(saved.read_text()) or {})
+        differing = settings_differ(previous, _comparable(config_to_dict(cfg)), BOX_SETTINGS)
+        if differing:
+            details = "; ".join(f"{k}: {previous.get(k)!r} then, {getattr(cfg, k)!r} now" for k in differing)
+            raise ValueError(f"{output} already holds {len(done)} images mined with other settings ({details}): "
+                             f"mining on would mix two runs. Give another --output, or the same settings to resume")
+    retried = drop_retryable_errors(output)
+    if retried:
+        print(f"retrying {retried} images whose reading failed last time (I/O errors, files not found)", flush=True)
+        done = read_done_ids(output)
     shards, classes, problems = list_shards(cfg.input, cfg.format, cfg.class_map, cfg.shard_size, done,
                                             cfg.image_column, cfg.label_column)
     for line in problems:

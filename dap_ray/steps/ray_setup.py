@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["TrainingFailedError", "cpus_per_worker", "fit_torch_trainer", "init_ray", "train_worker_rank"]
+__all__ = ["TrainingFailedError", "cpus_per_worker", "fit_torch_trainer", "has_checkpoint", "init_ray",
+           "train_worker_rank"]
 
 
 def init_ray(**kwargs) -> None:
@@ -24,6 +25,12 @@ def init_ray(**kwargs) -> None:
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
         kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": path}}
     ray.init(**kwargs)
+
+
+def has_checkpoint(storage: Path, name: str) -> bool:
+    """Whether the Ray Train run ``storage/name`` holds a checkpoint (so that a rerun resumes from it)."""
+    run = Path(storage) / name
+    return run.is_dir() and any(p.name.startswith("checkpoint") for p in run.iterdir())
 
 
 class TrainingFailedError(RuntimeError):
@@ -55,13 +62,14 @@ def train_worker_rank(use_gpu: bool, cpus_per_worker: int | None) -> tuple[int, 
 
 
 def fit_torch_trainer(loop, loop_config: dict, *, name: str, storage: Path, num_workers: int, use_gpu: bool,
-                      cpus: int, max_failures: int, state_file: str | None) -> dict:
+                      cpus: int, max_failures: int, state_file: str | None, callbacks: list | None = None) -> dict:
     """Run ``loop`` on a Ray Train (V2) ``TorchTrainer`` and return the last checkpoint's ``state_file``
     (``state_file=None``: a loop that keeps its own checkpoints; returns an empty dict).
 
     Checkpoints live under ``storage/name``; a later call with the same two resumes from the
     last one (Train V2 restores the run), and ``FailureConfig(max_failures)`` restarts a
-    failed worker group from it. The two newest checkpoints are kept.
+    failed worker group from it. The two newest checkpoints are kept. ``callbacks``: Ray
+    Train callbacks (Tune's ``TuneReportCallback`` when a Tune trial runs the trainer).
     """
     import ray.train
     import torch
@@ -77,6 +85,7 @@ def fit_torch_trainer(loop, loop_config: dict, *, name: str, storage: Path, num_
             storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
     )
     try:

@@ -8,27 +8,45 @@ chosen; the detectron2 adapter builds on the shared configuration, never the rev
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+from dap_ray.config import config_to_dict
+from dap_ray.runs import check_same_settings, open_run
 from dap_ray.steps.pretrain.config import PretrainConfig, prepare_data
+from dap_ray.steps.ray_setup import has_checkpoint
 
 __all__ = ["PretrainConfig", "prepare_data", "pretrain"]
 
 
+# Settings that change how the work is spread, not what is learnt: a rerun may change them.
+OPERATIONAL = ("output", "use_gpu", "cpus_per_worker", "loader_workers", "checkpoint_every", "log_every_s",
+               "max_failures", "storage_path")
+
+
 def pretrain(cfg: PretrainConfig) -> dict:
-    """Run Step 3 and return the meta written to ``cfg.output/meta.json``."""
+    """Run Step 3 and return the meta written to ``cfg.output/meta.json``.
+
+    Holds the output folder's lock (:func:`dap_ray.runs.open_run`); a rerun resumes from the
+    last checkpoint, and stops if a setting outside :data:`OPERATIONAL` differs from the run's.
+    """
     if cfg.boxes is None:
         raise ValueError("no --boxes given (the jobs fill in the built-in sample: dap_ray.steps.embedded)")
     cfg, pseudo, classes = prepare_data(cfg)
+    cfg = dataclasses.replace(cfg, lr=cfg.learning_rate())
     if cfg.backbone_weights is None:
         print("warning: no --backbone-weights: the backbone starts at random (DAP starts from the Step 1 classifier)",
               flush=True)
-    output = Path(cfg.output).resolve()
-    output.mkdir(parents=True, exist_ok=True)
-    if cfg.backend == "detectron2":
-        from dap_ray.steps.pretrain.detectron2_backend import train_detectron2
+    with open_run(Path(cfg.output).resolve()) as output:
+        storage = Path(cfg.storage_path).resolve() if cfg.storage_path else output / "ray"
+        started = (has_checkpoint(storage, "pretrain") or (output / "detectron2").is_dir()
+                   or (output / "detector_final.pt").is_file())
+        if started:
+            check_same_settings(output, config_to_dict(cfg), "a pre-training run", except_keys=OPERATIONAL)
+        if cfg.backend == "detectron2":
+            from dap_ray.steps.pretrain.detectron2_backend import train_detectron2
 
-        return train_detectron2(cfg, pseudo, classes, output)
-    from dap_ray.steps.pretrain.torchvision_backend import train_torchvision
+            return train_detectron2(cfg, pseudo, classes, output)
+        from dap_ray.steps.pretrain.torchvision_backend import train_torchvision
 
-    return train_torchvision(cfg, pseudo, classes, output)
+        return train_torchvision(cfg, pseudo, classes, output)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from dap_ray.data.pseudo_boxes import PseudoBoxes, load_pseudo_boxes
+if TYPE_CHECKING:
+    from dap_ray.data.pseudo_boxes import PseudoBoxes
 
 __all__ = ["PretrainConfig", "prepare_data"]
 
@@ -45,6 +46,9 @@ class PretrainConfig:
         "help": "peak learning rate (default: 0.008 x global batch / 64, the authors' rate)"})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
     weight_decay: float = field(default=1e-4, metadata={"help": "weight decay (the paper: 1e-5 on ImageNet-14M)"})
+    bias_lr_factor: float = field(default=2.0, metadata={
+        "help": "biases' learning rate over the weights' (2: maskrcnn-benchmark's rule, which the authors trained with)"})
+    bias_weight_decay: float = field(default=0.0, metadata={"help": "biases' weight decay (maskrcnn-benchmark: 0)"})
     max_iters: int = field(default=40038, metadata={"help": "iterations (the paper: 40,038 on ImageNet-1M at batch 32)"})
     warmup_iters: int = field(default=2000, metadata={"help": "linear warm-up iterations"})
     warmup_factor: float = field(default=0.01, metadata={"help": "learning-rate factor at the first iteration"})
@@ -102,6 +106,7 @@ def prepare_data(cfg: PretrainConfig) -> tuple[PretrainConfig, PseudoBoxes, list
     """
     from dap_ray.data.export import read_run_config
     from dap_ray.data.images import read_class_map
+    from dap_ray.data.pseudo_boxes import load_pseudo_boxes
 
     boxes = Path(cfg.boxes).resolve()
     if not boxes.is_dir():

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dap_ray.data.sources import id_to_path
+
 __all__ = ["INSTALL_HINT", "require_detectron2", "to_detectron2_dicts", "torchvision_to_detectron2", "train_detectron2"]
 
 INSTALL_HINT = (
@@ -60,7 +62,8 @@ def to_detectron2_dicts(pseudo, input_root: str | Path | None = None, fmt: str =
     for i, image_id in enumerate(pseudo.image_ids):
         width, height = (int(v) for v in pseudo.sizes[i])
         label = int(pseudo.labels[i])
-        file_name = str(Path(input_root) / image_id) if fmt == "folder" and input_root is not None else image_id
+        file_name = (str(Path(input_root) / id_to_path(image_id)) if fmt == "folder" and input_root is not None
+                     else image_id)
         dicts.append({
             "file_name": file_name, "image_id": image_id, "width": width, "height": height,
             "annotations": [{"bbox": [float(v) for v in box], "bbox_mode": XYXY_ABS, "category_id": label}
@@ -89,12 +92,25 @@ def torchvision_to_detectron2(state: dict) -> dict[str, np.ndarray]:
     return renamed
 
 
+def _zoo_config(name: str) -> Path:
+    """A config file that detectron2 ships, found beside its package: ``detectron2.model_zoo``
+    looks it up through ``pkg_resources``, which setuptools 81 and later no longer provide."""
+    import detectron2
+
+    path = Path(detectron2.__file__).parent / "model_zoo" / "configs" / name
+    if not path.is_file():
+        raise ValueError(f"detectron2 at {path.parents[3]} ships no {name}: build detectron2 from its source tree "
+                         "(its configs are installed with the package)")
+    return path
+
+
 def _detectron2_config(cfg, num_classes: int, output: Path, weights_file: str | None):
-    from detectron2 import model_zoo
     from detectron2.config import get_cfg
 
+    from dap_ray.models.training import step_iterations
+
     d2 = get_cfg()
-    d2.merge_from_file(model_zoo.get_config_file(_CONFIGS[cfg.detector]))
+    d2.merge_from_file(str(_zoo_config(_CONFIGS[cfg.detector])))
     d2.MODEL.RESNETS.DEPTH = _DEPTHS[cfg.backbone]
     if _DEPTHS[cfg.backbone] < 50:
         d2.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
@@ -120,8 +136,10 @@ def _detectron2_config(cfg, num_classes: int, output: Path, weights_file: str | 
     d2.SOLVER.BASE_LR = cfg.learning_rate()
     d2.SOLVER.MOMENTUM = cfg.momentum
     d2.SOLVER.WEIGHT_DECAY = cfg.weight_decay
+    d2.SOLVER.BIAS_LR_FACTOR = cfg.bias_lr_factor
+    d2.SOLVER.WEIGHT_DECAY_BIAS = cfg.bias_weight_decay
     d2.SOLVER.MAX_ITER = cfg.max_iters
-    d2.SOLVER.STEPS = tuple(int(s * cfg.max_iters) for s in cfg.lr_steps)
+    d2.SOLVER.STEPS = tuple(step_iterations(cfg.lr_steps, cfg.max_iters))
     d2.SOLVER.WARMUP_ITERS = cfg.warmup_iters
     d2.SOLVER.WARMUP_FACTOR = cfg.warmup_factor
     d2.SOLVER.CHECKPOINT_PERIOD = cfg.checkpoint_every

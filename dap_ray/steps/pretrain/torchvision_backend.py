@@ -17,9 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -27,8 +24,9 @@ import torch
 from dap_ray.config import config_to_dict, save_config
 from dap_ray.data.detection import AspectBatchSampler, collate_detection
 from dap_ray.data.pseudo_boxes import PseudoBoxDataset, PseudoBoxes, load_pseudo_boxes
-from dap_ray.models.classifiers import unwrap_ddp
-from dap_ray.models.detectors import build_detector, detector_state_dict
+from dap_ray.models.detectors import build_detector
+from dap_ray.models.training import detector_optimizer, lr_factor, step_iterations
+from dap_ray.steps.detector_loop import STATE_FILE, restore, train_iterations
 from dap_ray.steps.pretrain.config import PretrainConfig
 from dap_ray.steps.ray_setup import (
     cpus_per_worker,
@@ -37,25 +35,19 @@ from dap_ray.steps.ray_setup import (
     train_worker_rank,
 )
 
-__all__ = ["detector_for", "make_optimizer", "train_step", "train_torchvision", "training_loader"]
+__all__ = ["detector_for", "make_optimizer", "schedule_factor", "train_torchvision", "training_loader"]
 
-_STATE_FILE = "state.pt"
-
-
-def _lr_factor(cfg: PretrainConfig, iteration: int) -> float:
-    """Linear warm-up from ``warmup_factor``, then 10x drops at ``lr_steps``."""
-    factor = 0.1 ** sum(iteration >= int(s * cfg.max_iters) for s in cfg.lr_steps)
-    if iteration < cfg.warmup_iters:
-        alpha = iteration / cfg.warmup_iters
-        factor *= cfg.warmup_factor * (1 - alpha) + alpha
-    return factor
+def schedule_factor(cfg: PretrainConfig, iteration: int) -> float:
+    """Linear warm-up from ``warmup_factor``, then 10x drops at the ``lr_steps`` fractions of ``max_iters``."""
+    return lr_factor(iteration, warmup_iters=cfg.warmup_iters, warmup_factor=cfg.warmup_factor,
+                     steps=step_iterations(cfg.lr_steps, cfg.max_iters))
 
 
 def detector_for(cfg: PretrainConfig, num_classes: int) -> torch.nn.Module:
     """:func:`dap_ray.models.detectors.build_detector` with ``cfg``'s detector, trunk and sizes."""
     return build_detector(cfg.detector, cfg.backbone, num_classes, backbone_weights=cfg.backbone_weights,
                           trainable_layers=cfg.trainable_layers, min_size=cfg.min_sizes, max_size=cfg.max_size,
-                          roi_batch_size_per_image=cfg.roi_batch_size_per_image)
+                          roi_batch_size_per_image=cfg.roi_batch_size_per_image, resize_in_training=False)
 
 
 def training_loader(cfg: PretrainConfig, pseudo: PseudoBoxes, rank: int = 0, world: int = 1,
@@ -72,40 +64,16 @@ def training_loader(cfg: PretrainConfig, pseudo: PseudoBoxes, rank: int = 0, wor
 
 
 def make_optimizer(cfg: PretrainConfig, model: torch.nn.Module):
-    """SGD over the trainable parameters, and the warm-up and step schedule (stepped per iteration)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.learning_rate(), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: _lr_factor(cfg, i))
-
-
-def train_step(model: torch.nn.Module, batch: list[dict], optimizer, scheduler, device: torch.device) -> dict[str, float]:
-    """One iteration on a batch from :class:`dap_ray.data.pseudo_boxes.PseudoBoxDataset`; the loss parts as floats.
-
-    A non-finite loss is returned, not stepped on. bf16 autocast on CUDA.
-    """
-    detector = unwrap_ddp(model)
-    images = [s["image"].to(device, non_blocking=True).float().div_(255) for s in batch]
-    targets = [{"boxes": s["boxes"].to(device), "labels": s["labels"].to(device)} for s in batch]
-    # The loader resized the batch to one short side; the model's own resize becomes a no-op.
-    detector.transform.min_size = (min(batch[0]["image"].shape[1:]),)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        losses = model(images, targets)
-    loss = sum(losses.values())
-    parts = {k: float(v.detach()) for k, v in losses.items()}
-    if not torch.isfinite(loss):
-        return parts
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    scheduler.step()
-    return parts
+    """SGD over the trainable parameters (biases at ``bias_lr_factor`` x the rate, ``bias_weight_decay``),
+    and the warm-up and step schedule (stepped per iteration)."""
+    optimizer = detector_optimizer(model, cfg.learning_rate(), cfg.momentum, cfg.weight_decay, cfg.bias_lr_factor,
+                                   cfg.bias_weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: schedule_factor(cfg, i))
 
 
 def _train_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker."""
-    import ray.train
     import ray.train.torch
-    import torch.distributed as dist
 
     cfg = PretrainConfig(**loop_config["config"])
     rank, world = train_worker_rank(cfg.use_gpu, cfg.cpus_per_worker)
@@ -114,71 +82,12 @@ def _train_loop(loop_config: dict) -> None:
     pseudo = load_pseudo_boxes(cfg.boxes, cfg.max_boxes_per_image)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = ray.train.torch.prepare_model(detector_for(cfg, loop_config["num_classes"]))
-    detector = unwrap_ddp(model)
     optimizer, scheduler = make_optimizer(cfg, model)
-
-    start, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            state = torch.load(os.path.join(directory, _STATE_FILE), map_location="cpu", weights_only=True)
-        detector.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start, history = state["iteration"], state["history"]
-        if rank < len(state["rng"]):
-            torch.set_rng_state(state["rng"][rank])
-        if rank == 0:
-            print(f"resuming at iteration {start}/{cfg.max_iters} from the last checkpoint", flush=True)
-    else:
-        torch.manual_seed(cfg.seed + 1 + rank)  # proposal sampling differs between ranks
-
-    loader = training_loader(cfg, pseudo, rank, world, start)
-    model.train()
-    window: dict[str, float] = {}
-    window_images, window_iters = 0, 0
-    window_start = last_print = time.perf_counter()
-    batches = iter(loader)
-    for iteration in range(start, cfg.max_iters):
-        batch = next(batches)
-        losses = train_step(model, batch, optimizer, scheduler, device)
-        loss = sum(losses.values())
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss} at iteration {iteration} (rank {rank}): {losses}")
-        for key, value in losses.items():
-            window[key] = window.get(key, 0.0) + value
-        window["loss"] = window.get("loss", 0.0) + loss
-        window_images += len(batch)
-        window_iters += 1
-        done = iteration + 1
-        now = time.perf_counter()
-        is_checkpoint = done % cfg.checkpoint_every == 0 or done == cfg.max_iters
-        if rank == 0 and (now - last_print >= cfg.log_every_s or is_checkpoint):
-            parts = " ".join(f"{k} {v / window_iters:.4f}" for k, v in window.items() if k != "loss")
-            print(f"iter {done}/{cfg.max_iters} loss {window['loss'] / window_iters:.4f} ({parts}) "
-                  f"lr {scheduler.get_last_lr()[0]:.5f} {window_images * world / (now - window_start):.1f} images/s",
-                  flush=True)
-            last_print = now
-        if not is_checkpoint:
-            continue
-        metrics = {k: v / window_iters for k, v in window.items()}
-        metrics.update(iteration=done, lr=scheduler.get_last_lr()[0],
-                       images_per_s=window_images * world / (now - window_start))
-        history.append(metrics)
-        rng_states = [torch.get_rng_state()]
-        if world > 1:
-            rng_states = [None] * world
-            dist.all_gather_object(rng_states, torch.get_rng_state())
-        with tempfile.TemporaryDirectory() as directory:
-            saved = None
-            if rank == 0:
-                torch.save({"model": detector_state_dict(detector), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "iteration": done, "rng": rng_states,
-                            "history": history}, os.path.join(directory, _STATE_FILE))
-                saved = ray.train.Checkpoint.from_directory(directory)
-            ray.train.report(metrics, checkpoint=saved)
-        window, window_images, window_iters = {}, 0, 0
-        window_start = time.perf_counter()
+    start, state = restore(model, optimizer, scheduler, rank=rank, seed=cfg.seed, max_iters=cfg.max_iters)
+    batches = iter(training_loader(cfg, pseudo, rank, world, start))
+    train_iterations(model, optimizer, scheduler, batches, device, rank=rank, world=world, start=start,
+                     max_iters=cfg.max_iters, checkpoint_every=cfg.checkpoint_every, log_every_s=cfg.log_every_s,
+                     history=state.get("history", []))
 
 
 def train_torchvision(cfg: PretrainConfig, pseudo: PseudoBoxes, classes: list[str], output: Path) -> dict:
@@ -196,7 +105,7 @@ def train_torchvision(cfg: PretrainConfig, pseudo: PseudoBoxes, classes: list[st
         _train_loop, {"config": config_to_dict(resolved), "num_classes": num_classes},
         name="pretrain", storage=Path(cfg.storage_path).resolve() if cfg.storage_path else output / "ray",
         num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, cpus=resolved.cpus_per_worker,
-        max_failures=cfg.max_failures, state_file=_STATE_FILE)
+        max_failures=cfg.max_failures, state_file=STATE_FILE)
     torch.save(state["model"], output / "detector_final.pt")
     history = state["history"]
     meta = {
@@ -224,9 +133,6 @@ def train_torchvision(cfg: PretrainConfig, pseudo: PseudoBoxes, classes: list[st
 
 
 def _load_hint(cfg: PretrainConfig, num_classes: int) -> str:
-    builder = {"faster_rcnn_fpn": "fasterrcnn_resnet50_fpn", "retinanet_fpn": "retinanet_resnet50_fpn"}[cfg.detector]
-    if cfg.backbone == "resnet50":
-        return (f"torchvision.models.detection.{builder}(weights=None, weights_backbone=None, "
-                f"num_classes={num_classes}).load_state_dict(torch.load('detector_final.pt'))")
-    return (f"dap_ray.models.detectors.build_detector({cfg.detector!r}, {cfg.backbone!r}, {num_classes - 1})"
-            ".load_state_dict(torch.load('detector_final.pt'))")
+    return ("dap_ray.models.detectors.load_pretrained_detector(RUN_DIR) (the architecture as trained: frozen "
+            f"BatchNorm, stem and layer1 frozen; {cfg.detector} on {cfg.backbone}, {num_classes} classes "
+            "with background)")

@@ -1,0 +1,506 @@
+"""Ray Tune around Steps 2 and 4: search the pseudo-box settings against true boxes, and the
+k-shot fine-tuning iterations and learning rate.
+
+:func:`tune_boxes` computes the CAMs of a labelled set once (the built-in sample's true
+boxes by default, or a COCO file of the user's own boxes, e.g. ImageNet's validation
+boxes) and caches them on disk (:class:`dap_ray.localisation.sweep.CamCache`), then runs one
+Tune trial per setting on a grid over the threshold set, the NMS IoU, the preset and the
+component-size rule; each trial draws boxes from the cached CAMs and scores them
+(:func:`dap_ray.localisation.sweep.score_box_config`: AP50 per class, COCO-style, beside
+CorLoc and friends). The current defaults are always one of the trials. An interrupted
+sweep resumes with the same command (``Tuner.restore``), keeping the finished trials.
+
+Outputs in ``OUTPUT``: ``results.csv`` and ``results.parquet`` (one row per trial, best
+first), ``results.md``, ``best.yaml`` (the best setting, which ``jobs/mine.py --config``
+takes as it is), ``sweep.png`` (AP50 against NMS IoU, one line per threshold set) and
+``config.yaml``; the CAMs in ``OUTPUT/cams.npz``.
+
+:func:`tune_finetune` runs one sweep per K over the schedule length and learning rate:
+each trial is a Step 4 fine-tune (in the trial's process, or on Ray Train inside the trial)
+of the K-shot draw, validated every few iterations on training images the draw left out
+(never the test split), with ASHA stopping the weak trials early. It writes the chosen
+iterations and lr per K as ``kshot_preset.yaml``, which ``jobs/finetune.py --kshot-table``
+reads, with ``results.csv``, ``results.md`` and ``sweep.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+__all__ = ["DEFAULT_THRESHOLD_SETS", "TuneBoxesConfig", "TuneFinetuneConfig", "tune_boxes", "tune_finetune"]
+
+# Threshold sets on the grid: the paper's, shifted down and up, sparser and denser.
+DEFAULT_THRESHOLD_SETS = ("0.2,0.3,0.4,0.5", "0.1,0.2,0.3,0.4", "0.3,0.4,0.5,0.6", "0.2,0.4", "0.15,0.25,0.35,0.45",
+                          "0.1,0.2,0.3,0.4,0.5,0.6")
+PAPER_DEFAULT = {"thresholds": "0.2,0.3,0.4,0.5", "nms_iou": 0.8, "preset": "official", "size_measure": "rectangle"}
+
+
+@dataclass(frozen=True)
+class TuneBoxesConfig:
+    """The box sweep. With no ``gt_boxes`` it runs on the built-in sample's true boxes and classifier."""
+
+    gt_boxes: str | None = field(default=None, metadata={
+        "help": "COCO file of true boxes (file_name relative to --images; default: the built-in sample's)"})
+    images: str | None = field(default=None, metadata={"help": "folder the true boxes' file names are relative to"})
+    classifier: str = field(default="resnet50", metadata={"help": "torchvision name or package.module:factory"})
+    weights: str | None = field(default=None, metadata={"help": "classifier state dict"})
+    class_map: str | None = field(default=None, metadata={
+        "help": "class names in the classifier's order (default: its Step 1 meta.json's); a true box's category "
+                "name gives its image's label, else category_id - 1"})
+    scales: tuple[int, ...] = field(default=(288, 576), metadata={"help": "CAM short sides"})
+    flip: bool = field(default=True, metadata={"help": "average with the mirrored image"})
+    output: str = field(default="tune_boxes", metadata={"help": "output folder"})
+    threshold_sets: tuple[str, ...] = field(default=DEFAULT_THRESHOLD_SETS, metadata={
+        "help": "threshold sets to try, each comma-separated (the paper's 0.2,0.3,0.4,0.5 is always added)"})
+    nms_ious: tuple[float, ...] = field(default=(0.5, 0.6, 0.7, 0.8, 0.9), metadata={"help": "NMS IoUs to try"})
+    presets: tuple[str, ...] = field(default=("official", "paper"), metadata={"help": "presets to try"})
+    size_measures: tuple[str, ...] = field(default=("rectangle", "cells"), metadata={
+        "help": "component-size rules to try (rectangle area, cell count)"})
+    limit: int | None = field(default=None, metadata={"help": "use at most this many labelled images"})
+    batch_size: int = field(default=32, metadata={"help": "images per CAM batch"})
+    max_concurrent_trials: int | None = field(default=None, metadata={
+        "help": "trials at once (default: one per CPU of the cluster)"})
+    storage_path: str | None = field(default=None, metadata={
+        "help": "where Tune keeps the sweep's state (default OUTPUT/ray; shared storage on a cluster)"})
+
+    def __post_init__(self) -> None:
+        for text in self.threshold_sets:
+            _thresholds(text)
+        for name, allowed in (("presets", ("official", "paper")), ("size_measures", ("rectangle", "cells"))):
+            bad = [v for v in getattr(self, name) if v not in allowed]
+            if bad or not getattr(self, name):
+                raise ValueError(f"{name} must be some of {allowed}, got {getattr(self, name)}")
+        if not self.nms_ious or any(not 0 <= v <= 1 for v in self.nms_ious):
+            raise ValueError(f"nms_ious must lie in [0, 1], got {self.nms_ious}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be at least 1, got {self.limit}")
+
+    def grid(self) -> dict:
+        """The search space, the paper's defaults always on it."""
+        sets = list(dict.fromkeys([PAPER_DEFAULT["thresholds"], *(",".join(str(t) for t in _thresholds(s))
+                                                                   for s in self.threshold_sets)]))
+        return {"thresholds": sets, "nms_iou": sorted({*self.nms_ious, PAPER_DEFAULT["nms_iou"]}),
+                "preset": list(dict.fromkeys(["official", *self.presets])),
+                "size_measure": list(dict.fromkeys(["rectangle", *self.size_measures]))}
+
+
+def _thresholds(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"a threshold set is numbers separated by commas, got {text!r}") from None
+    if not values or any(not 0 <= v < 1 for v in values):
+        raise ValueError(f"thresholds lie in [0, 1), got {text!r}")
+    return values
+
+
+def _labelled_images(cfg: TuneBoxesConfig):
+    """The ground truth, (image_id, label, image) for each of its images, and label -> category id."""
+    from dap_ray.data.images import BadImageError, classifier_classes, decode_image, read_class_map
+
+    ground_truth = json.loads(Path(cfg.gt_boxes).read_text())
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(ground_truth.get(key), list):
+            raise ValueError(f"{cfg.gt_boxes} is not a COCO file: no {key!r} list")
+    classes = read_class_map(cfg.class_map) if cfg.class_map else classifier_classes(cfg.weights)
+    by_name = {c["name"]: c["id"] for c in ground_truth["categories"]}
+    if classes and all(name in by_name for name in classes):
+        category_ids = [by_name[name] for name in classes]
+    else:
+        top = max(c["id"] for c in ground_truth["categories"])
+        category_ids = list(range(1, top + 1))
+    label_of = {cid: label for label, cid in enumerate(category_ids)}
+    first: dict[int, int] = {}
+    for annotation in ground_truth["annotations"]:
+        first.setdefault(annotation["image_id"], annotation["category_id"])
+    images = [i for i in ground_truth["images"] if first.get(i["id"]) in label_of]
+    if cfg.limit:
+        images = images[: cfg.limit]
+    if not images:
+        raise ValueError(f"no image of {cfg.gt_boxes} has a true box of a class the classifier knows")
+    kept = {i["id"] for i in images}
+    ground_truth = {**ground_truth, "images": images,
+                    "annotations": [a for a in ground_truth["annotations"] if a["image_id"] in kept]}
+
+    def items():
+        for image in images:
+            path = Path(cfg.images) / image["file_name"]
+            try:
+                pixels = decode_image(path.read_bytes())
+            except (OSError, BadImageError) as exc:
+                print(f"warning: skipping {path}: {exc}", flush=True)
+                continue
+            yield image["file_name"], label_of[first[image["id"]]], pixels
+
+    return ground_truth, items(), category_ids
+
+
+def _box_trial(config: dict, cache, ground_truth: dict, category_ids: list) -> None:
+    """One Tune trial: boxes from the cached CAMs under ``config``, scored against the true boxes."""
+    import ray.tune
+
+    from dap_ray.localisation.boxes import BoxConfig
+    from dap_ray.localisation.sweep import score_box_config
+
+    box = BoxConfig.from_preset(config["preset"], scale=cache.scale, thresholds=_thresholds(config["thresholds"]),
+                                nms_iou=config["nms_iou"], size_measure=config["size_measure"])
+    ray.tune.report(score_box_config(cache, cache.cams(), ground_truth, box, category_ids))
+
+
+def tune_boxes(cfg: TuneBoxesConfig) -> dict:
+    """Run the sweep (resuming one that was interrupted) and write its outputs; return the best row."""
+    import ray
+    import ray.tune
+    from ray.tune.search import BasicVariantGenerator
+
+    from dap_ray.config import save_config
+    from dap_ray.localisation.cam import CamExtractor
+    from dap_ray.localisation.sweep import CamCache, compute_cam_cache, fingerprint
+    from dap_ray.models.classifiers import load_classifier
+    from dap_ray.runs import open_run
+    from dap_ray.steps.ray_setup import init_ray
+
+    if cfg.gt_boxes is None or cfg.images is None:
+        raise ValueError("give --gt-boxes and --images (the jobs fill in the built-in sample: dap_ray.steps.embedded)")
+    absolute = {k: str(Path(getattr(cfg, k)).resolve()) for k in ("gt_boxes", "images", "weights", "class_map")
+                if getattr(cfg, k)}
+    cfg = dataclasses.replace(cfg, **absolute)
+    for name in ("gt_boxes", "weights", "class_map"):
+        if getattr(cfg, name) and not Path(getattr(cfg, name)).is_file():
+            raise ValueError(f"--{name.replace('_', '-')} not found: {getattr(cfg, name)}")
+    with open_run(Path(cfg.output).resolve()) as output:
+        ground_truth, items, category_ids = _labelled_images(cfg)
+        key = fingerprint(gt_boxes=cfg.gt_boxes, images=cfg.images, classifier=cfg.classifier, weights=cfg.weights,
+                          class_map=cfg.class_map, scales=list(cfg.scales), flip=cfg.flip, limit=cfg.limit)
+        cache = CamCache.load(output / "cams.npz", key)
+        if cache is None:
+            print(f"computing the CAMs of {len(ground_truth['images'])} labelled images once "
+                  f"({cfg.classifier}, scales {cfg.scales})", flush=True)
+            model = load_classifier(cfg.classifier, cfg.weights, num_classes=len(category_ids) if not cfg.weights else None)
+            cache = compute_cam_cache(items, CamExtractor(model, scales=cfg.scales, flip=cfg.flip), cfg.batch_size)
+            cache.save(output / "cams.npz", key)
+        else:
+            print(f"using the cached CAMs of {len(cache)} images ({output / 'cams.npz'})", flush=True)
+        save_config(cfg, output / "config.yaml")
+
+        init_ray()
+        grid = cfg.grid()
+        space = {name: ray.tune.grid_search(values) for name, values in grid.items()}
+        trials = math.prod(len(v) for v in grid.values())
+        storage = Path(cfg.storage_path).resolve() if cfg.storage_path else output / "ray"
+        trainable = ray.tune.with_parameters(_box_trial, cache=cache, ground_truth=ground_truth,
+                                             category_ids=category_ids)
+        concurrent = cfg.max_concurrent_trials or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        experiment = storage / "boxes"
+        if ray.tune.Tuner.can_restore(str(experiment)):
+            print(f"resuming the sweep in {experiment}: finished trials are kept", flush=True)
+            tuner = ray.tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True,
+                                           resume_errored=False, restart_errored=True)
+        else:
+            tuner = ray.tune.Tuner(
+                trainable, param_space=space,
+                tune_config=ray.tune.TuneConfig(metric="AP50", mode="max", max_concurrent_trials=concurrent,
+                                                search_alg=BasicVariantGenerator(random_state=0)),
+                run_config=ray.tune.RunConfig(name="boxes", storage_path=str(storage), verbose=0,
+                                              failure_config=ray.tune.FailureConfig(max_failures=1)))
+        print(f"sweeping {trials} box settings over {len(cache)} images, {concurrent} trials at a time", flush=True)
+        results = tuner.fit()
+        rows = []
+        for result in results:
+            if result.error is not None:
+                print(f"warning: a trial failed: {str(result.error).splitlines()[0]}", flush=True)
+                continue
+            metrics = result.metrics or {}
+            rows.append({**{k: result.config[k] for k in grid},
+                         **{k: metrics.get(k) for k in ("AP50", "AP", "VOC_AP50", "corloc", "any_hit",
+                                                        "mean_best_iou", "boxes_per_image", "images")}})
+        if not rows:
+            raise RuntimeError(f"every trial of the sweep failed; see the logs under {experiment}")
+        return _write_outputs(cfg, output, rows, results.num_errors, trials)
+
+
+def _is_default(row: dict) -> bool:
+    return all(row[k] == v for k, v in PAPER_DEFAULT.items())
+
+
+def _write_outputs(cfg: TuneBoxesConfig, output: Path, rows: list[dict], errors: int, trials: int) -> dict:
+    import pyarrow as pa
+    import pyarrow.csv
+    import pyarrow.parquet as pq
+
+    rows.sort(key=lambda r: (-(r["AP50"] if r["AP50"] is not None and not math.isnan(r["AP50"]) else -1.0),
+                             r["thresholds"], r["nms_iou"], r["preset"], r["size_measure"]))
+    for rank, row in enumerate(rows, start=1):
+        row["rank"] = rank
+        row["default"] = _is_default(row)
+    table = pa.Table.from_pylist(rows)
+    pyarrow.csv.write_csv(table, output / "results.csv")
+    pq.write_table(table, output / "results.parquet")
+    best = rows[0]
+    default = next((r for r in rows if r["default"]), None)
+    best_yaml = {"thresholds": list(_thresholds(best["thresholds"])), "nms_iou": best["nms_iou"],
+                 "preset": best["preset"], "size_measure": best["size_measure"]}
+    (output / "best.yaml").write_text(
+        "# The box sweep's best setting (jobs/tune_boxes.py): jobs/mine.py --config best.yaml takes it as it is.\n"
+        + yaml.safe_dump(best_yaml, sort_keys=False))
+    lines = [f"{len(rows)} of {trials} settings scored ({errors} failed) on {best['images']} images; objective AP50 "
+             "(per class, COCO-style); the paper's default is marked *.", "",
+             "| rank | thresholds | NMS IoU | preset | size | AP50 | AP | VOC AP50 | CorLoc | any hit | best IoU | boxes/image |",
+             "| ---: | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    shown = rows[:20] + ([default] if default is not None and default["rank"] > 20 else [])
+    for r in shown:
+        lines.append(f"| {r['rank']}{'*' if r['default'] else ''} | {r['thresholds']} | {r['nms_iou']} | {r['preset']} | "
+                     f"{r['size_measure']} | {r['AP50']:.2f} | {r['AP']:.2f} | {r['VOC_AP50']:.2f} | "
+                     f"{r['corloc']:.3f} | {r['any_hit']:.3f} | {r['mean_best_iou']:.3f} | {r['boxes_per_image']:.2f} |")
+    (output / "results.md").write_text("\n".join(lines) + "\n")
+    _plot(rows, best, output / "sweep.png")
+    summary = {"best": best, "default": default, "trials": trials, "scored": len(rows), "errors": errors,
+               "gain_AP50": best["AP50"] - default["AP50"] if default else None}
+    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    print("\n".join(lines[:2 + 2 + min(10, len(shown))]), flush=True)
+    print(f"best: {best_yaml} AP50 {best['AP50']:.2f}" + (f" (the default: {default['AP50']:.2f})" if default else "")
+          + f"; wrote {output / 'best.yaml'}", flush=True)
+    return summary
+
+
+def _plot(rows: list[dict], best: dict, path: Path) -> None:
+    """AP50 against NMS IoU, one line per threshold set, at the best preset and size rule."""
+    from dap_ray.evaluation.plots import pyplot, save_figure
+
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(6.5, 4))
+    chosen = [r for r in rows if r["preset"] == best["preset"] and r["size_measure"] == best["size_measure"]]
+    for thresholds in sorted({r["thresholds"] for r in chosen}):
+        points = sorted((r["nms_iou"], r["AP50"]) for r in chosen if r["thresholds"] == thresholds)
+        axis.plot(*zip(*points), marker="o", label=thresholds)
+    axis.set_xlabel("NMS IoU")
+    axis.set_ylabel("AP50 of the pseudo boxes (%)")
+    axis.grid(alpha=0.3)
+    axis.legend(title="thresholds", fontsize=8)
+    save_figure(plt, figure, path, f"box sweep ({best['preset']} preset, {best['size_measure']} size)")
+
+
+@dataclass(frozen=True)
+class TuneFinetuneConfig:
+    """The k-shot sweep: iterations and learning rate per K, scored on a validation split carved from
+    the training data (never the test split), weak trials stopped early by ASHA."""
+
+    train: str | None = field(default=None, metadata={
+        "help": "training set, as jobs/finetune.py takes it (default: the built-in downstream sample)"})
+    format: Literal["coco", "voc"] = field(default="coco", metadata={"help": "coco: annotation JSON; voc: VOCdevkit"})
+    train_images: str | None = field(default=None, metadata={"help": "COCO: folder of the training images"})
+    train_splits: tuple[str, ...] = field(default=("2007:trainval",), metadata={"help": "VOC: YEAR:SPLIT lists"})
+    init: str | None = field(default=None, metadata={
+        "help": "dap:RUN_DIR, cls:FILE or scratch (default with the sample: its DAP pre-training)"})
+    output: str = field(default="tune_finetune", metadata={"help": "output folder"})
+    shots: tuple[int, ...] = field(default=(5, 10), metadata={"help": "the K to tune, one sweep each"})
+    iterations: tuple[int, ...] = field(default=(20, 40, 80), metadata={
+        "help": "schedule lengths to try (each trial's lr steps scale with its own length)"})
+    lrs: tuple[float, ...] = field(default=(0.0025, 0.01), metadata={"help": "learning rates to try"})
+    val_images: int = field(default=60, metadata={
+        "help": "validation images drawn from the training images the k-shot draw left out"})
+    eval_every: int = field(default=10, metadata={"help": "iterations between validations (ASHA's rungs)"})
+    seed: int = field(default=0, metadata={"help": "k-shot draw, validation draw and training seed"})
+    workers_per_trial: int = field(default=0, metadata={
+        "help": "Ray Train workers inside each trial (0: the trial trains in its own process)"})
+    max_concurrent_trials: int | None = field(default=None, metadata={
+        "help": "trials at once (default: one per CPU of the cluster, less one when trials start Ray Train)"})
+    storage_path: str | None = field(default=None, metadata={
+        "help": "where Tune keeps the sweeps' state (default OUTPUT/ray; shared storage on a cluster)"})
+    # The fine-tuning settings every trial shares (jobs/finetune.py's; the sample's when it runs).
+    detector: Literal["faster_rcnn_fpn", "retinanet_fpn"] | None = field(default=None, metadata={
+        "help": "as jobs/finetune.py --detector"})
+    backbone: str | None = field(default=None, metadata={"help": "as jobs/finetune.py --backbone"})
+    preset: Literal["voc", "coco"] | None = field(default=None, metadata={"help": "as jobs/finetune.py --preset"})
+    min_sizes: tuple[int, ...] | None = field(default=None, metadata={"help": "as jobs/finetune.py --min-sizes"})
+    max_size: int | None = field(default=None, metadata={"help": "as jobs/finetune.py --max-size"})
+    batch_size: int = field(default=2, metadata={"help": "images per worker per iteration"})
+    roi_batch_size_per_image: int = field(default=512, metadata={"help": "as jobs/finetune.py"})
+    test_proposals: int = field(default=1000, metadata={"help": "as jobs/finetune.py"})
+    loader_workers: int = field(default=0, metadata={"help": "DataLoader processes per trial or worker"})
+
+    def __post_init__(self) -> None:
+        if not self.shots or min(self.shots) < 1:
+            raise ValueError(f"shots must be positive, got {self.shots}")
+        if not self.iterations or min(self.iterations) < 1 or not self.lrs or min(self.lrs) <= 0:
+            raise ValueError("iterations must be positive numbers and lrs positive")
+        for name in ("val_images", "eval_every", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+    def finetune_config(self):
+        """The :class:`dap_ray.steps.finetune.FinetuneConfig` every trial starts from."""
+        from dap_ray.steps.finetune import FinetuneConfig
+
+        return FinetuneConfig(
+            train=self.train, format=self.format, train_images=self.train_images, train_splits=self.train_splits,
+            init=self.init, detector=self.detector, backbone=self.backbone, preset=self.preset,
+            min_sizes=self.min_sizes, max_size=self.max_size, batch_size=self.batch_size,
+            num_workers=max(1, self.workers_per_trial), roi_batch_size_per_image=self.roi_batch_size_per_image,
+            test_proposals=self.test_proposals, loader_workers=self.loader_workers, eval_every=self.eval_every,
+            log_every_s=1e9)
+
+
+def _finetune_trial(config: dict, base: dict, train, val, seed: int, workers: int) -> None:
+    """One Tune trial: a Step 4 fine-tune of ``config['max_iters']`` iterations at ``config['lr']``,
+    validated every ``eval_every`` iterations (``AP50`` etc. on ``val``)."""
+    import ray.tune
+    import torch
+
+    from dap_ray.steps.finetune import FinetuneConfig, resolve_schedule
+
+    cfg = resolve_schedule(dataclasses.replace(FinetuneConfig(**base), max_iters=config["max_iters"],
+                                               lr=config["lr"], checkpoint_every=config["max_iters"]), len(train))
+    if workers:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        from dap_ray.steps.finetune import _train_loop
+        from dap_ray.steps.ray_setup import fit_torch_trainer
+
+        trial = Path(ray.tune.get_context().get_trial_dir())
+        fit_torch_trainer(_train_loop, {"config": _plain_config(cfg), "train": train, "test": val, "seed": seed,
+                                        "output": str(trial)},
+                          name=f"train-{ray.tune.get_context().get_trial_id()}", storage=trial / "train",
+                          num_workers=workers, use_gpu=cfg.use_gpu, cpus=1, max_failures=0, state_file=None,
+                          callbacks=[TuneReportCallback()])
+        return
+    from dap_ray.models.detectors import initialise
+    from dap_ray.steps.detector_loop import train_iterations
+    from dap_ray.steps.finetune import _evaluate, build_model, make_optimizer, training_loader
+
+    torch.manual_seed(seed)
+    model = build_model(cfg, len(train.classes))
+    initialise(model, cfg.init, detector=cfg.detector, backbone=cfg.backbone)
+    optimizer, scheduler = make_optimizer(cfg, model)
+    device = torch.device("cpu")
+    torch.manual_seed(seed + 1)
+
+    def evaluate(done: int) -> dict:
+        scores, _ = _evaluate(model, val, cfg, 0, 1, device)
+        return {k: scores[k] for k in ("AP", "AP50", "VOC_AP50")}
+
+    train_iterations(model, optimizer, scheduler, iter(training_loader(cfg, train, seed)), device, rank=0, world=1,
+                     start=0, max_iters=cfg.max_iters, checkpoint_every=cfg.max_iters, log_every_s=1e9, history=[],
+                     eval_every=cfg.eval_every, evaluate=evaluate, report=ray.tune.report)
+
+
+def _plain_config(cfg) -> dict:
+    from dap_ray.config import config_to_dict
+
+    return config_to_dict(cfg)
+
+
+def tune_finetune(cfg: TuneFinetuneConfig) -> dict:
+    """One sweep per K (resuming any that was interrupted); write the results and the chosen
+    iterations and lr per K as ``kshot_preset.yaml`` (``jobs/finetune.py --kshot-table``)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.csv
+    import ray
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    from dap_ray.config import save_config
+    from dap_ray.data.fewshot import sample_k_shot
+    from dap_ray.runs import open_run
+    from dap_ray.steps.finetune import load_split, resolve_architecture
+    from dap_ray.steps.ray_setup import init_ray
+
+    if cfg.train is None or cfg.init is None:
+        raise ValueError("give --train and --init (the jobs fill in the built-in sample: dap_ray.steps.embedded)")
+    cfg = dataclasses.replace(cfg, **{k: str(Path(getattr(cfg, k)).resolve()) for k in ("train", "train_images")
+                                      if getattr(cfg, k)})
+    base = resolve_architecture(cfg.finetune_config())
+    cfg = dataclasses.replace(cfg, init=base.init, detector=base.detector, backbone=base.backbone)
+    train_all = load_split(base, "train")
+    rows, table, curves = [], {}, {}
+    with open_run(Path(cfg.output).resolve()) as output:
+        save_config(cfg, output / "config.yaml")
+        init_ray()
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        # A trial that starts Ray Train holds little itself; its workers need CPUs of their own,
+        # or trials holding every CPU would wait for them forever (Ray issue #54305).
+        concurrent = cfg.max_concurrent_trials or (
+            max(1, (cpus - 1) // max(1, cfg.workers_per_trial)) if cfg.workers_per_trial else max(1, cpus))
+        storage = Path(cfg.storage_path).resolve() if cfg.storage_path else output / "ray"
+        for k in cfg.shots:
+            chosen, _ = sample_k_shot(train_all, k, cfg.seed)
+            rest = np.setdiff1d(np.arange(len(train_all)), chosen)
+            val_rows = np.random.default_rng([cfg.seed, k]).permutation(rest)[: cfg.val_images]
+            if len(val_rows) == 0:
+                raise ValueError(f"K = {k} leaves no training image for validation")
+            picked = train_all.subset(chosen)
+            train = picked.subset(picked.training_indices())
+            val = train_all.subset(np.sort(val_rows))
+            trainable = ray.tune.with_parameters(_finetune_trial, base=_plain_config(base), train=train, val=val,
+                                                 seed=cfg.seed, workers=cfg.workers_per_trial)
+            if cfg.workers_per_trial:
+                trainable = ray.tune.with_resources(trainable, {"cpu": 0.01})
+            experiment = storage / f"finetune_k{k}"
+            print(f"K = {k}: {len(train)} training images, {len(val)} validation images, "
+                  f"{len(cfg.iterations) * len(cfg.lrs)} trials", flush=True)
+            if ray.tune.Tuner.can_restore(str(experiment)):
+                print(f"resuming the sweep in {experiment}: finished trials are kept", flush=True)
+                tuner = ray.tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True,
+                                               resume_errored=False, restart_errored=True)
+            else:
+                tuner = ray.tune.Tuner(
+                    trainable,
+                    param_space={"max_iters": ray.tune.grid_search(list(cfg.iterations)),
+                                 "lr": ray.tune.grid_search(list(cfg.lrs))},
+                    tune_config=ray.tune.TuneConfig(
+                        metric="AP50", mode="max", max_concurrent_trials=concurrent,
+                        search_alg=BasicVariantGenerator(random_state=cfg.seed),
+                        scheduler=ASHAScheduler(time_attr="iteration", max_t=max(cfg.iterations),
+                                                grace_period=cfg.eval_every, reduction_factor=2)),
+                    run_config=ray.tune.RunConfig(name=experiment.name, storage_path=str(storage), verbose=0,
+                                                  failure_config=ray.tune.FailureConfig(max_failures=1)))
+            results = tuner.fit()
+            scored = []
+            for result in results:
+                if result.error is not None:
+                    print(f"warning: K = {k}: a trial failed: {str(result.error).splitlines()[0]}", flush=True)
+                    continue
+                history = result.metrics_dataframe
+                points = [] if history is None or "AP50" not in history else [
+                    (int(i), float(a)) for i, a in zip(history["iteration"], history["AP50"]) if a == a]
+                curves[f"K={k} {result.config['max_iters']} it, lr {result.config['lr']:g}"] = points
+                last = points[-1] if points else (0, float("nan"))
+                row = {"shots": k, "max_iters": result.config["max_iters"], "lr": result.config["lr"],
+                       "iterations_run": last[0], "val_AP50": last[1],
+                       "stopped_early": last[0] < result.config["max_iters"]}
+                rows.append(row)
+                scored.append(row)
+            finished = [r for r in scored if not r["stopped_early"] and r["val_AP50"] == r["val_AP50"]]
+            if not finished:
+                raise RuntimeError(f"no trial of K = {k} finished; see the logs under {experiment}")
+            best = max(finished, key=lambda r: (r["val_AP50"], -r["max_iters"]))
+            table[k] = {"max_iters": best["max_iters"], "lr": best["lr"], "val_AP50": best["val_AP50"]}
+            print(f"K = {k}: best {best['max_iters']} iterations at lr {best['lr']:g} "
+                  f"(validation AP50 {best['val_AP50']:.2f})", flush=True)
+    rows.sort(key=lambda r: (r["shots"], -(r["val_AP50"] if r["val_AP50"] == r["val_AP50"] else -1.0)))
+    pyarrow.csv.write_csv(pa.Table.from_pylist(rows), output / "results.csv")
+    lines = ["| K | iterations | lr | validation AP50 | iterations run | stopped early |",
+             "| ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines += [f"| {r['shots']} | {r['max_iters']} | {r['lr']:g} | {r['val_AP50']:.2f} | {r['iterations_run']} | "
+              f"{'yes' if r['stopped_early'] else 'no'} |" for r in rows]
+    (output / "results.md").write_text("\n".join(lines) + "\n")
+    preset = {"global_batch": base.global_batch(), "init": base.init, "seed": cfg.seed,
+              "shots": {k: {"max_iters": v["max_iters"], "lr": v["lr"]} for k, v in table.items()}}
+    (output / "kshot_preset.yaml").write_text(
+        "# Iterations and lr per K from jobs/tune_finetune.py: jobs/finetune.py --kshot-table this file.\n"
+        + yaml.safe_dump(preset, sort_keys=False))
+    from dap_ray.evaluation.plots import plot_learning_curves
+
+    plot_learning_curves({name: [{"iteration": i, "AP50": a} for i, a in points] for name, points in curves.items()},
+                         output / "sweep.png", metrics=("AP50",), title="k-shot sweep: validation AP50")
+    print("\n".join(lines), flush=True)
+    return {"shots": table, "trials": rows}

@@ -1,0 +1,204 @@
+"""The box sweep: its objective on hand-made cases, the CAM cache, the YAML mining takes, and resume."""
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from dap_ray.localisation.boxes import BoxConfig
+from dap_ray.localisation.sweep import CamCache, fingerprint, score_box_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cache_of(cams: list[np.ndarray], sizes: list[tuple[int, int]], labels: list[int]) -> CamCache:
+    shapes = np.asarray([c.shape for c in cams], np.int32).reshape(-1, 2)
+    counts = shapes[:, 0].astype(np.int64) * shapes[:, 1]
+    return CamCache(image_ids=[f"im{i}.jpg" for i in range(len(cams))], labels=np.asarray(labels, np.int64),
+                    sizes=np.asarray(sizes, np.int32).reshape(-1, 2), shapes=shapes,
+                    offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                    values=np.concatenate([c.reshape(-1) for c in cams]).astype(np.float16) if cams
+                    else np.zeros(0, np.float16), scale=64)
+
+
+def ground_truth(boxes: dict[int, list[list[float]]], sizes, categories=("a", "b")) -> dict:
+    """COCO truth: image i is im{i}.jpg; boxes xyxy, category 1."""
+    annotations = []
+    for image, image_boxes in boxes.items():
+        for x1, y1, x2, y2 in image_boxes:
+            annotations.append({"id": len(annotations) + 1, "image_id": image + 1, "category_id": 1,
+                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+    return {"images": [{"id": i + 1, "file_name": f"im{i}.jpg", "width": w, "height": h} for i, (w, h) in enumerate(sizes)],
+            "annotations": annotations, "categories": [{"id": k + 1, "name": n} for k, n in enumerate(categories)]}
+
+
+def blob(rows: int, cols: int, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+    cam = np.zeros((rows, cols), np.float32)
+    cam[r0:r1, c0:c1] = 1.0
+    return cam
+
+
+# A 2x2-cell map over a 64x64 image at scale 64: one cell is 32 pixels. A constant block of
+# cells gives the box of its cells' rectangle (moment box of a uniform rectangle).
+BOX_TABLE = [
+    # (cams, truth boxes per image, expected AP50, expected corloc)
+    ([], {}, None, None),  # no image: nothing to score
+    ([blob(2, 2, 0, 1, 0, 1)], {0: [[0, 0, 32, 32]]}, 100.0, 1.0),  # the blob is the box
+    ([blob(2, 2, 0, 1, 0, 1)], {0: [[32, 32, 64, 64]]}, 0.0, 0.0),  # the blob is elsewhere
+    ([blob(2, 2, 0, 1, 0, 1), blob(2, 2, 1, 2, 1, 2)], {0: [[0, 0, 32, 32]], 1: [[0, 0, 32, 32]]}, 50.0, 0.5),
+]
+
+
+@pytest.mark.parametrize("cams, truth, ap50, corloc", BOX_TABLE)
+def test_the_objective_on_hand_made_maps(cams, truth, ap50, corloc):
+    sizes = [(64, 64)] * len(cams)
+    cache = cache_of(cams, sizes, [0] * len(cams))
+    config = BoxConfig.from_preset("paper", scale=64, thresholds=(0.5,))
+    if not cams:
+        with pytest.raises(ValueError, match="none of the cached images"):
+            score_box_config(cache, cache.cams(), ground_truth(truth, sizes), config, [1, 2])
+        return
+    scores = score_box_config(cache, cache.cams(), ground_truth(truth, sizes), config, [1, 2])
+    assert scores["AP50"] == pytest.approx(ap50, abs=0.5) and scores["corloc"] == pytest.approx(corloc)
+    assert scores["images"] == len(cams) and scores["boxes_per_image"] == 1.0
+
+
+def test_extra_boxes_cannot_raise_the_objective():
+    """Any-hit rewards emitting more boxes; AP50 does not: a second, wrong, higher-scored box lowers it."""
+    sizes = [(64, 64)] * 2
+    truth = ground_truth({0: [[0, 0, 32, 32]], 1: [[0, 0, 32, 32]]}, sizes)
+    one = cache_of([blob(2, 2, 0, 1, 0, 1), blob(2, 2, 0, 1, 0, 1)], sizes, [0, 0])
+    config = BoxConfig.from_preset("paper", scale=64, thresholds=(0.5,))
+    base = score_box_config(one, one.cams(), truth, config, [1, 2])
+    cam = np.zeros((2, 2), np.float32)
+    cam[0, 0], cam[1, :] = 1.0, 0.8  # the true cell, and a larger wrong blob at a lower threshold
+    more = cache_of([cam, blob(2, 2, 0, 1, 0, 1)], sizes, [0, 0])
+    two = score_box_config(more, more.cams(), truth, BoxConfig.from_preset("paper", scale=64, thresholds=(0.5, 0.9)),
+                           [1, 2])
+    assert two["boxes_per_image"] > base["boxes_per_image"] and two["any_hit"] == base["any_hit"] == 1.0
+    assert two["AP50"] < base["AP50"]
+
+
+def test_cam_cache_round_trip_and_key(tmp_path):
+    cache = cache_of([blob(2, 3, 0, 1, 0, 2), np.full((4, 1), 0.25, np.float32)], [(96, 64), (32, 128)], [1, 0])
+    cache.save(tmp_path / "cams.npz", "key-1")
+    loaded = CamCache.load(tmp_path / "cams.npz", "key-1")
+    assert loaded.image_ids == cache.image_ids and loaded.scale == 64 and loaded.values.dtype == np.float16
+    for a, b in zip(loaded.cams(), cache.cams()):
+        np.testing.assert_array_equal(a, b)
+    assert CamCache.load(tmp_path / "cams.npz", "key-2") is None  # computed from something else
+    assert CamCache.load(tmp_path / "missing.npz", "key-1") is None
+    (tmp_path / "w.pt").write_bytes(b"a")
+    first = fingerprint(weights=str(tmp_path / "w.pt"), scales=[1, 2])
+    (tmp_path / "w.pt").write_bytes(b"ab")  # new weights at the same path
+    assert fingerprint(weights=str(tmp_path / "w.pt"), scales=[1, 2]) != first
+
+
+def test_the_best_setting_is_a_config_that_mining_takes_as_it_is(tmp_path):
+    from dap_ray.config import resolve_config
+    from dap_ray.steps.mine import MineConfig
+    from dap_ray.steps.tune import _write_outputs, TuneBoxesConfig
+
+    rows = [{"thresholds": t, "nms_iou": n, "preset": p, "size_measure": s, "AP50": ap, "AP": 1.0, "VOC_AP50": 1.0,
+             "corloc": 0.5, "any_hit": 0.5, "mean_best_iou": 0.5, "boxes_per_image": 2.0, "images": 10}
+            for t, n, p, s, ap in (("0.2,0.3,0.4,0.5", 0.8, "official", "rectangle", 30.0),
+                                   ("0.1,0.2", 0.6, "paper", "cells", 41.5))]
+    summary = _write_outputs(TuneBoxesConfig(), tmp_path, rows, errors=0, trials=2)
+    assert summary["gain_AP50"] == pytest.approx(11.5) and summary["best"]["thresholds"] == "0.1,0.2"
+    cfg = resolve_config(MineConfig, argparse.Namespace(config=str(tmp_path / "best.yaml")))
+    assert cfg.box_config() == BoxConfig.from_preset("paper", scale=576, thresholds=(0.1, 0.2), nms_iou=0.6,
+                                                     size_measure="cells")
+    assert "| 2* |" in (tmp_path / "results.md").read_text()  # the default, marked
+    assert (tmp_path / "results.csv").read_text().count("\n") == 3 and (tmp_path / "sweep.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def sweep_inputs(tmp_path_factory):
+    import torch
+
+    from dap_ray.data.sample import SampleConfig, make_sample_dataset
+    from tests.factories import tiny_resnet
+
+    root = tmp_path_factory.mktemp("sweep")
+    sample = make_sample_dataset(root / "sample", SampleConfig(num_images=12, num_classes=3, image_size=48))
+    torch.manual_seed(0)
+    torch.save(tiny_resnet(num_classes=3).state_dict(), root / "w.pt")
+    return sample, root / "w.pt"
+
+
+def sweep_command(sample: Path, weights: Path, output: Path) -> list[str]:
+    return [sys.executable, "jobs/tune_boxes.py", "--gt-boxes", str(sample / "gt_boxes.json"),
+            "--images", str(sample / "images"), "--classifier", "tests.factories:tiny_resnet", "--weights",
+            str(weights), "--class-map", str(sample / "classes.txt"), "--scales", "32", "64", "--output", str(output),
+            "--threshold-sets", "0.2,0.3,0.4,0.5", "0.3,0.5", "--nms-ious", "0.5", "0.8", "--presets", "official",
+            "--size-measures", "rectangle", "cells", "--max-concurrent-trials", "1"]
+
+
+def finished_trials(output: Path) -> dict[str, float]:
+    """trial directory -> the timestamp of its result, for every trial that reported."""
+    found = {}
+    for result in (output / "ray" / "boxes").glob("*/result.json"):
+        lines = [line for line in result.read_text().splitlines() if line.strip()]
+        if lines:
+            found[result.parent.name] = json.loads(lines[-1])["timestamp"]
+    return found
+
+
+def test_a_killed_sweep_resumes_without_redoing_finished_trials(sweep_inputs, tmp_path):
+    sample, weights = sweep_inputs
+    output = tmp_path / "sweep"
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    process = subprocess.Popen(sweep_command(sample, weights, output), cwd=ROOT, env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(finished_trials(output)) < 2 and process.poll() is None:
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    before = finished_trials(output)
+    assert 2 <= len(before), "the sweep ended before any trial finished"
+    assert not (output / "best.yaml").exists() or len(before) == 8
+    rerun = subprocess.run(sweep_command(sample, weights, output), cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    after = finished_trials(output)
+    assert len(after) == 8  # 2 threshold sets x 2 NMS IoUs x 2 size rules, the default among them
+    assert all(after[name] == stamp for name, stamp in before.items())  # finished trials were not run again
+    assert "using the cached CAMs" in rerun.stdout
+    best = yaml.safe_load((output / "best.yaml").read_text())
+    assert set(best) == {"thresholds", "nms_iou", "preset", "size_measure"}
+    rows = (output / "results.csv").read_text().splitlines()
+    assert len(rows) == 9 and rows[0].startswith('"thresholds"')
+
+
+def test_the_k_shot_sweep_writes_a_preset_that_finetune_reads(ray_session, tmp_path):
+    """Two schedules for K = 2 on a tiny downstream set, validated on images the draw left out."""
+    from dap_ray.data.downstream_sample import DownstreamSampleConfig, make_downstream_sample
+    from dap_ray.steps.finetune import FinetuneConfig, resolve_schedule
+    from dap_ray.steps.tune import TuneFinetuneConfig, tune_finetune
+
+    data = make_downstream_sample(tmp_path / "data", DownstreamSampleConfig(num_train=20, num_test=2, num_classes=2,
+                                                                           image_size=64))
+    cfg = TuneFinetuneConfig(train=str(data / "coco" / "train.json"), train_images=str(data / "images"),
+                             init="scratch", backbone="tests.factories:tiny_resnet", output=str(tmp_path / "sweep"),
+                             shots=(2,), iterations=(2, 4), lrs=(0.01,), val_images=4, eval_every=2, min_sizes=(48,),
+                             max_size=96, roi_batch_size_per_image=16, test_proposals=50, max_concurrent_trials=1)
+    summary = tune_finetune(cfg)
+    assert len(summary["trials"]) == 2 and set(summary["shots"]) == {2}
+    chosen = summary["shots"][2]
+    preset = yaml.safe_load((tmp_path / "sweep" / "kshot_preset.yaml").read_text())
+    assert preset["shots"][2] == {"max_iters": chosen["max_iters"], "lr": 0.01} and preset["global_batch"] == 2
+    resolved = resolve_schedule(FinetuneConfig(shots=2, batch_size=1, kshot_table=str(tmp_path / "sweep" /
+                                                                                       "kshot_preset.yaml")), 4)
+    assert resolved.max_iters == chosen["max_iters"] * 2 and resolved.lr == pytest.approx(0.005)  # batch 2 -> 1
+    with pytest.raises(ValueError, match="no entry for K = 5"):
+        resolve_schedule(FinetuneConfig(shots=5, kshot_table=str(tmp_path / "sweep" / "kshot_preset.yaml")), 4)
+    assert (tmp_path / "sweep" / "sweep.png").is_file() and "| 2 |" in (tmp_path / "sweep" / "results.md").read_text()
