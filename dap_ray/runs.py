@@ -72,39 +72,51 @@ def check_same_settings(output: Path, current: dict[str, Any], what: str, *, key
 def open_run(output: str | Path) -> Iterator[Path]:
     """Create ``output`` and hold its lock for the duration of the ``with`` block.
 
-    Raises :class:`OutputInUseError` (a ValueError) naming the holder when another live
-    process holds it.
+    The lock is an advisory ``flock`` on ``OUTPUT/.dap_ray.lock``, which the kernel releases
+    when its holder exits however it exits, so a killed run leaves no stale lock; the file
+    names the holder for the message. Raises :class:`OutputInUseError` (a ValueError) naming
+    the holder when another live process holds it. A process that already holds it (a step
+    calling a step on the same folder) may enter again.
     """
+    import fcntl
+
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     lock = output / LOCK_NAME
-    holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "command": " ".join(sys.argv)}
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            other = _read_holder(lock)
-            if other.get("pid") == os.getpid() and other.get("host") == holder["host"]:
-                yield output  # this process already holds it (a step that calls another step)
-                return
-            if other.get("host") == holder["host"] and not _alive(other.get("pid")):
-                print(f"warning: taking over {lock}, left by process {other.get('pid')} which is no longer running",
-                      flush=True)
-                lock.unlink(missing_ok=True)
-                continue
-            raise OutputInUseError(
-                f"{output} is in use by another run (process {other.get('pid')} on {other.get('host')}, since "
-                f"{other.get('started')}: {other.get('command')}); wait for it to finish or give another --output "
-                f"(if that run is gone, delete {lock})") from None
-        with os.fdopen(fd, "w") as handle:
-            json.dump(holder, handle)
-        break
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+          "command": " ".join(sys.argv)}
+    previous = _read_holder(lock)
+    if previous.get("pid") == me["pid"] and previous.get("host") == me["host"] and _held(lock):
+        yield output
+        return
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        other = _read_holder(lock)
+        raise OutputInUseError(
+            f"{output} is in use by another run (process {other.get('pid')} on {other.get('host')}, since "
+            f"{other.get('started')}: {other.get('command')}); wait for it to finish or give another --output") from None
+    if previous.get("pid") not in (None, me["pid"]):
+        print(f"note: {output} was last held by process {previous.get('pid')} ({previous.get('started')}), which "
+              "has ended; this run takes it over", flush=True)
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps(me).encode())
+    _HELD.add(str(lock.resolve()))
     try:
         yield output
     finally:
-        if _read_holder(lock).get("pid") == os.getpid():
-            lock.unlink(missing_ok=True)
+        _HELD.discard(str(lock.resolve()))
+        os.close(fd)  # releases the flock
+
+
+# Locks this process holds (by path): entering one again is a step calling a step, not a second run.
+_HELD: set[str] = set()
+
+
+def _held(lock: Path) -> bool:
+    return str(lock.resolve()) in _HELD
 
 
 def _read_holder(lock: Path) -> dict:
@@ -112,15 +124,3 @@ def _read_holder(lock: Path) -> dict:
         return json.loads(lock.read_text())
     except (OSError, ValueError):
         return {}
-
-
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True

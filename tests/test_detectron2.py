@@ -1,5 +1,6 @@
 """The detectron2 adapter: what can be checked without detectron2, and training when it is installed."""
 
+import dataclasses
 import importlib.util
 
 import numpy as np
@@ -8,11 +9,8 @@ import torch
 
 from dap_ray.data.pseudo_boxes import PseudoBoxes, load_pseudo_boxes
 from dap_ray.models.classifiers import load_classifier
-from dap_ray.steps.pretrain.detectron2_backend import (
-    XYXY_ABS,
-    to_detectron2_dicts,
-    torchvision_to_detectron2,
-)
+from dap_ray.models.detectron2_names import torchvision_to_detectron2
+from dap_ray.steps.pretrain.detectron2_backend import XYXY_ABS, to_detectron2_dicts
 
 HAS_DETECTRON2 = importlib.util.find_spec("detectron2") is not None
 
@@ -59,5 +57,110 @@ def test_detectron2_backend_trains_and_writes_a_checkpoint(pseudo_run, ray_sessi
     meta = pretrain(PretrainConfig(boxes=str(boxes_dir), output=str(tmp_path / "run"), backbone="resnet18",
                                    backend="detectron2", max_iters=2, checkpoint_every=1, batch_size=2,
                                    min_sizes=(32, 48), max_size=96, loader_workers=0))
-    assert meta["backend"] == "detectron2"
+    assert meta["backend"] == "detectron2" and meta["num_classes"] == 4
     assert torch.load(tmp_path / "run" / "detector_final_d2.pth", weights_only=True)
+    assert [h["iteration"] for h in meta["history"]] == [2] and meta["last_loss"] > 0
+    # The same weights in torchvision's names: Step 4 starts from either backend.
+    from dap_ray.models.detectors import build_detector, initialise
+
+    state = torch.load(tmp_path / "run" / "detector_final.pt", weights_only=True)
+    build_detector("faster_rcnn_fpn", "resnet18", 3).load_state_dict(state, strict=True)
+    report = initialise(build_detector("faster_rcnn_fpn", "resnet18", 5), f"dap:{tmp_path / 'run'}",
+                        detector="faster_rcnn_fpn", backbone="resnet18")
+    assert report["fresh_layers"] and report["modules"]["backbone.fpn"]["fresh"] == 0
+
+
+@pytest.mark.parametrize("max_iters", [1, 2, 3, 10, 40038])
+def test_the_schedule_is_valid_for_any_length_and_shaped_as_the_torchvision_one(max_iters, tmp_path):
+    """fvcore refused the steps of short runs (repeated or past the end): 'Total num_updates must be
+    greater than length of param schedule'."""
+    from dap_ray.models.training import lr_factor, step_iterations
+    from dap_ray.steps.pretrain import PretrainConfig
+
+    # Warm-up ending before the first drop, as in every real schedule: detectron2 ramps towards the
+    # value at the warm-up's end, which differs from ours only when a drop falls inside the warm-up.
+    cfg = PretrainConfig(boxes="x", max_iters=max_iters, warmup_iters=min(2000, max_iters // 4), lr=0.01)
+    steps = step_iterations(cfg.lr_steps, max_iters)
+    assert steps == sorted(set(steps)) and all(0 < s < max_iters for s in steps)
+    if not HAS_DETECTRON2:
+        return
+    from detectron2.solver import build_lr_scheduler
+
+    from dap_ray.steps.pretrain.detectron2_backend import _detectron2_config
+
+    d2 = _detectron2_config(dataclasses.replace(cfg, backbone="resnet18"), 3, tmp_path, None)
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=d2.SOLVER.BASE_LR)
+    scheduler = build_lr_scheduler(d2, optimizer)
+    ours = [lr_factor(i, warmup_iters=cfg.warmup_iters, warmup_factor=cfg.warmup_factor, steps=steps)
+            for i in range(min(max_iters, 50))]
+    theirs = []
+    for _ in range(min(max_iters, 50)):
+        theirs.append(optimizer.param_groups[0]["lr"] / d2.SOLVER.BASE_LR)
+        optimizer.step()
+        scheduler.step()
+    np.testing.assert_allclose(theirs, ours, rtol=1e-6)
+
+
+def test_detector_weights_rename_both_ways():
+    from dap_ray.models.detectors import build_detector
+    from dap_ray.models.detectron2_names import detectron2_detector_to_torchvision, torchvision_detector_to_detectron2
+
+    torch.manual_seed(0)
+    state = build_detector("faster_rcnn_fpn", "resnet18", 3).state_dict()
+    d2 = torchvision_detector_to_detectron2(state)
+    assert d2["roi_heads.box_predictor.cls_score.weight"].shape == (4, 1024)  # 3 classes, background last
+    assert d2["roi_heads.box_predictor.bbox_pred.weight"].shape == (12, 1024)  # no background rows
+    assert torch.equal(d2["roi_heads.box_predictor.cls_score.weight"][-1], state["roi_heads.box_predictor.cls_score.weight"][0])
+    back = detectron2_detector_to_torchvision({"model": d2})
+    for key, value in state.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        if key == "roi_heads.box_predictor.bbox_pred.weight" or key == "roi_heads.box_predictor.bbox_pred.bias":
+            assert torch.equal(back[key][4:], value[4:]) and not back[key][:4].any()  # background rows: unused
+        else:
+            assert torch.equal(back[key], value), key
+
+
+@pytest.mark.skipif(not HAS_DETECTRON2, reason="detectron2 is not installed (it is built from source; see README)")
+def test_a_renamed_detector_computes_the_same_in_detectron2():
+    """The renaming checked for real: the same features, RPN outputs and box-head scores and deltas
+    in detectron2's model as in torchvision's, on the same image and boxes."""
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+    from detectron2.structures import Boxes
+
+    from dap_ray.models.detectors import build_detector
+    from dap_ray.models.detectron2_names import torchvision_detector_to_detectron2
+    from dap_ray.steps.pretrain.detectron2_backend import _zoo_config
+
+    torch.manual_seed(0)
+    tv = build_detector("faster_rcnn_fpn", "resnet18", 3).eval()
+    cfg = get_cfg()
+    cfg.merge_from_file(str(_zoo_config("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml")))
+    cfg.MODEL.RESNETS.DEPTH, cfg.MODEL.RESNETS.RES2_OUT_CHANNELS, cfg.MODEL.RESNETS.STRIDE_IN_1X1 = 18, 64, False
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES, cfg.MODEL.DEVICE = 3, "cpu"
+    cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE, cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO = "ROIAlign", 2  # torchvision's
+    d2 = build_model(cfg).eval()
+    missing, unexpected = d2.load_state_dict(torchvision_detector_to_detectron2(tv.state_dict()), strict=False)
+    assert not unexpected and all(k.startswith(("pixel_", "proposal_generator.anchor_generator")) for k in missing)
+    image = torch.rand(1, 3, 128, 160)
+    with torch.no_grad():
+        normalised = (image - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / \
+            torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        ours = list(tv.backbone(normalised).values())
+        theirs = d2.backbone(normalised)
+        theirs = [theirs[f"p{k}"] for k in range(2, 7)]
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        objectness, deltas = tv.rpn.head(ours)
+        d2_objectness, d2_deltas = d2.proposal_generator.rpn_head(theirs)
+        for a, b in zip(objectness + deltas, d2_objectness + d2_deltas):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        boxes = torch.tensor([[10.0, 12.0, 70.0, 90.0], [0.0, 0.0, 160.0, 128.0], [40.0, 30.0, 56.0, 50.0]])
+        pooled = tv.roi_heads.box_roi_pool(dict(zip(["0", "1", "2", "3"], ours[:4])), [boxes], [(128, 160)])
+        scores, regression = tv.roi_heads.box_predictor(tv.roi_heads.box_head(pooled))
+        d2_pooled = d2.roi_heads.box_pooler(theirs[:4], [Boxes(boxes)])
+        d2_scores, d2_deltas = d2.roi_heads.box_predictor(d2.roi_heads.box_head(d2_pooled))
+        torch.testing.assert_close(torch.cat([scores[:, 1:], scores[:, :1]], 1), d2_scores, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(regression[:, 4:], d2_deltas, rtol=1e-4, atol=1e-4)

@@ -240,3 +240,20 @@ def test_the_embedded_default_is_the_downstream_sample_from_the_samples_dap_run(
     assert cfg.batch_size == 8  # what the user set is kept
     mine = FinetuneConfig(train="my.json", init="scratch")
     assert finetune_defaults(mine) == mine
+
+
+def test_the_reproductions_table_pairs_seeds_and_its_quick_grid():
+    from dap_ray.steps.reproduce import ReproduceConfig, _difference, _markdown, _stats
+
+    dap, cls = _stats([10.0, 12.0, 14.0]), _stats([9.0, 12.5, 11.0])
+    diff = _difference(dap, cls)
+    assert diff["mean"] == pytest.approx(12.0 - 32.5 / 3) and diff["values"] == [1.0, -0.5, 3.0]
+    assert ReproduceConfig(quick=True).grid() == (("5", "all"), (40, 80), (0,))
+    with pytest.raises(ValueError, match="one --iterations entry per --shots entry"):
+        ReproduceConfig(shots=("5",), iterations=(1, 2))
+    with pytest.raises(ValueError, match="positive numbers or 'all'"):
+        ReproduceConfig(shots=("five",), iterations=(1,))
+    table = {"seeds": [0, 1, 2], "pretrain_iters": 400, "shots": ["5"], "iterations": [40],
+             "rows": {"5": {"CLS": {"AP": cls, "AP50": cls}, "DAP": {"AP": dap, "AP50": dap},
+                            "DAP-CLS": {"AP": diff, "AP50": diff}}}}
+    assert "| 5 | 40 | 10.8 ± 1.8 | 12.0 ± 2.0 | 1.2 ± 1.8 |" in _markdown(table)

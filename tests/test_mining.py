@@ -174,12 +174,39 @@ def test_images_are_labelled_in_the_classifiers_class_order(tmp_path):
     (run / "classifier.pt").write_bytes(b"")
     (run / "meta.json").write_text(json.dumps({"classes": ["disc", "square", "triangle"]}))
     cfg = MineConfig(input=str(tmp_path), weights=str(run / "classifier.pt"))
-    resolved = _classifier_class_map(cfg, tmp_path)
-    assert (tmp_path / "classes.txt").read_text().split() == ["disc", "square", "triangle"]
+    resolved, to_write = _classifier_class_map(cfg, tmp_path)
+    assert to_write == ["disc", "square", "triangle"]  # written once the run is known to go ahead
     assert resolved.class_map == str(tmp_path / "classes.txt")
     (tmp_path / "given.txt").write_text("disc\ntriangle\nsquare\n")
     with pytest.raises(ValueError, match="line 2 is 'triangle' where the classifier has 'square'"):
         _classifier_class_map(MineConfig(input=str(tmp_path), weights=cfg.weights, class_map=str(tmp_path / "given.txt")),
                               tmp_path)
     plain = MineConfig(input=str(tmp_path), weights=str(tmp_path / "zoo.pt"))  # a model zoo file: no meta.json
-    assert _classifier_class_map(plain, tmp_path) == plain
+    assert _classifier_class_map(plain, tmp_path) == (plain, None)
+
+
+def test_a_refused_rerun_leaves_the_runs_class_names_as_they_were(tmp_path):
+    """The classifier's classes used to be written into OUTPUT/classes.txt before the settings check,
+    so a refused rerun with other weights still renamed the earlier run's labels."""
+    import json
+
+    import yaml
+
+    from dap_ray.config import config_to_dict
+    from dap_ray.steps.mine import mine
+
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    output = tmp_path / "out"
+    write_results(pa.table({"image_id": ["a/1.jpg"], "label": [0], "width": [8], "height": [8],
+                            "boxes": [[[0.0, 0.0, 4.0, 4.0]]], "scores": [[1.0]], "error": [""]}), str(output))
+    (output / "classes.txt").write_text("a\nb\n")
+    for name, classes in (("old", ["a", "b"]), ("new", ["b", "a"])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "classifier.pt").write_bytes(b"")
+        (tmp_path / name / "meta.json").write_text(json.dumps({"classes": classes}))
+    earlier = MineConfig(input=str(tmp_path / "images"), output=str(output), weights=str(tmp_path / "old" / "classifier.pt"),
+                         class_map=str(output / "classes.txt"))
+    (output / "config.yaml").write_text(yaml.safe_dump(config_to_dict(earlier)))
+    with pytest.raises(ValueError, match="other settings"):
+        mine(MineConfig(input=str(tmp_path / "images"), output=str(output), weights=str(tmp_path / "new" / "classifier.pt")))
+    assert (output / "classes.txt").read_text() == "a\nb\n"

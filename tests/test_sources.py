@@ -167,3 +167,29 @@ def test_a_shard_error_already_recorded_is_not_recorded_again(tmp_path):
     (tmp_path / "bad.tar").write_bytes(b"this is not a tar file at all" * 40)
     shards, _, _ = list_shards(tmp_path, "tar", skip=frozenset({"bad.tar::"}))
     assert records(shards) == []
+
+
+def test_a_rerun_reads_the_images_a_tar_held_before_its_fault(tmp_path, rng):
+    """The tar's own error row used to make a rerun skip the whole tar, images not yet written included."""
+    image = encode(photo(rng, 8, 8))
+    with tarfile.open(tmp_path / "n01.tar", "w") as tar:
+        add(tar, "n01_1.JPEG", image)
+        add(tar, "n01_2.JPEG", image)
+    data = (tmp_path / "n01.tar").read_bytes()
+    (tmp_path / "n01.tar").write_bytes(data[:1024 + 512 + 100])  # cut inside the second member's data
+    (tmp_path / "classes.txt").write_text("n01\n")
+    first = records(list_shards(tmp_path, "tar", tmp_path / "classes.txt")[0])
+    assert [r["image_id"] for r in first] == ["n01.tar::", "n01.tar::n01_1.JPEG", "n01.tar::n01_2.JPEG"]
+    assert "corrupt" in first[0]["error"] and not first[1]["error"] and first[2]["error"]
+    # A rerun after the tar's error row was written but not its images: they are read, the error not repeated.
+    rerun = records(list_shards(tmp_path, "tar", tmp_path / "classes.txt", skip=frozenset({"n01.tar::"}))[0])
+    assert [r["image_id"] for r in rerun] == ["n01.tar::n01_1.JPEG", "n01.tar::n01_2.JPEG"]
+
+
+@pytest.mark.parametrize("cls", [b"\xc2\xb2", b"-1"])  # a superscript two; a negative number
+def test_odd_webdataset_labels_are_errors_not_crashes(tmp_path, rng, cls):
+    with tarfile.open(tmp_path / "shard.tar", "w") as tar:
+        add(tar, "k.jpg", encode(photo(rng, 8, 8)))
+        add(tar, "k.cls", cls)
+    (got,) = records(list_shards(tmp_path, "tar")[0])
+    assert got["label"] == -1 and "unknown class" in got["error"]

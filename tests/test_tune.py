@@ -105,7 +105,7 @@ def test_cam_cache_round_trip_and_key(tmp_path):
 def test_the_best_setting_is_a_config_that_mining_takes_as_it_is(tmp_path):
     from dap_ray.config import resolve_config
     from dap_ray.steps.mine import MineConfig
-    from dap_ray.steps.tune import _write_outputs, TuneBoxesConfig
+    from dap_ray.steps.tune import TuneBoxesConfig, _write_outputs
 
     rows = [{"thresholds": t, "nms_iou": n, "preset": p, "size_measure": s, "AP50": ap, "AP": 1.0, "VOC_AP50": 1.0,
              "corloc": 0.5, "any_hit": 0.5, "mean_best_iou": 0.5, "boxes_per_image": 2.0, "images": 10}
@@ -189,7 +189,7 @@ def test_the_k_shot_sweep_writes_a_preset_that_finetune_reads(ray_session, tmp_p
                                                                            image_size=64))
     cfg = TuneFinetuneConfig(train=str(data / "coco" / "train.json"), train_images=str(data / "images"),
                              init="scratch", backbone="tests.factories:tiny_resnet", output=str(tmp_path / "sweep"),
-                             shots=(2,), iterations=(2, 4), lrs=(0.01,), val_images=4, eval_every=2, min_sizes=(48,),
+                             shots=(2,), iterations=(2, 4), lrs=(0.01,), val_images=4, evals_per_trial=2, min_sizes=(48,),
                              max_size=96, roi_batch_size_per_image=16, test_proposals=50, max_concurrent_trials=1)
     summary = tune_finetune(cfg)
     assert len(summary["trials"]) == 2 and set(summary["shots"]) == {2}

@@ -149,9 +149,10 @@ def _label_from_name(text: str, index: dict[str, int]) -> tuple[int, str]:
     text = text.strip()
     if text in index:
         return index[text], ""
-    if text.isdigit() and (not index or int(text) < len(index)):
+    number = text.isascii() and text.isdecimal()  # "²".isdigit() is True, and int() refuses it
+    if number and (not index or int(text) < len(index)):
         return int(text), ""
-    if text.isdigit():
+    if number:
         return -1, f"label {text} is outside the class map's {len(index)} classes"
     return -1, f"unknown class {text!r}"
 
@@ -160,15 +161,16 @@ def _read_tar(shard: dict, index: dict[str, int], skip: set[str]) -> Iterator[di
     """ImageNet-21K style (one tar per synset: class = the tar's name, or a member's folder,
     or the part of its file name before '_') or WebDataset style (``key.cls`` beside ``key.jpg``)."""
     name = shard["name"]
-    if f"{name}::" in skip:  # the shard's own error was recorded by an earlier run
-        return
+    recorded = f"{name}::" in skip  # the shard's own error was recorded by an earlier run: not again
     try:
         tar = tarfile.open(shard["path"])
     except OSError as exc:
-        yield _record(f"{name}::", -1, b"", f"cannot open tar: {exc}", retry=True)
+        if not recorded:
+            yield _record(f"{name}::", -1, b"", f"cannot open tar: {exc}", retry=True)
         return
     except tarfile.TarError as exc:
-        yield _record(f"{name}::", -1, b"", f"cannot open tar: {exc}")
+        if not recorded:
+            yield _record(f"{name}::", -1, b"", f"cannot open tar: {exc}")
         return
     with tar:
         images: list[tarfile.TarInfo] = []
@@ -183,7 +185,7 @@ def _read_tar(shard: dict, index: dict[str, int], skip: set[str]) -> Iterator[di
                 elif ext.lower() in IMAGE_EXTENSIONS:
                     images.append(info)
         except (OSError, tarfile.TarError) as exc:
-            if f"{name}::" not in skip:
+            if not recorded:  # the images read before the fault still follow, those not done
                 yield _record(f"{name}::", -1, b"", f"corrupt tar after {len(images)} images: {exc}",
                               retry=isinstance(exc, OSError) and not isinstance(exc, tarfile.TarError))
         tar_class = Path(id_to_path(name)).stem
@@ -220,19 +222,21 @@ def _read_parquet(shard: dict, index: dict[str, int], skip: set[str]) -> Iterato
 
     name, path = shard["name"], Path(shard["path"])
     image_column, label_column = shard["image_column"], shard["label_column"]
-    if f"{name}::" in skip:  # the shard's own error was recorded by an earlier run
-        return
+    recorded = f"{name}::" in skip  # the shard's own error was recorded by an earlier run: not again
     try:
         parquet = pq.ParquetFile(path)
     except OSError as exc:
-        yield _record(f"{name}::", -1, b"", f"cannot open parquet: {exc}", retry=True)
+        if not recorded:
+            yield _record(f"{name}::", -1, b"", f"cannot open parquet: {exc}", retry=True)
         return
     except Exception as exc:  # pyarrow raises several types for a bad file
-        yield _record(f"{name}::", -1, b"", f"cannot open parquet: {exc}")
+        if not recorded:
+            yield _record(f"{name}::", -1, b"", f"cannot open parquet: {exc}")
         return
     missing = [c for c in (image_column, label_column) if c not in parquet.schema_arrow.names]
     if missing:
-        yield _record(f"{name}::", -1, b"", f"missing column(s) {missing}; has {parquet.schema_arrow.names}")
+        if not recorded:
+            yield _record(f"{name}::", -1, b"", f"missing column(s) {missing}; has {parquet.schema_arrow.names}")
         return
     row = 0
     for batch in parquet.iter_batches(batch_size=256, columns=[image_column, label_column]):

@@ -39,6 +39,7 @@ from dap_ray.steps.ray_setup import (
     fit_torch_trainer,
     has_checkpoint,
     init_ray,
+    run_storage,
     train_worker_rank,
 )
 
@@ -322,7 +323,7 @@ def train_classifier(cfg: ClassifierTrainConfig) -> dict:
     for line in listing.problems():
         print(f"warning: {line}", flush=True)
     with open_run(Path(cfg.output).resolve()) as output:
-        storage = Path(cfg.storage_path).resolve() if cfg.storage_path else output / "ray"
+        storage = run_storage(cfg.storage_path, output)
         resuming = has_checkpoint(storage, "classifier") or (output / "classifier.pt").is_file()
         if resuming:
             check_same_settings(output, config_to_dict(cfg), "a classifier run", except_keys=OPERATIONAL)

@@ -42,7 +42,7 @@ def restore(model, optimizer, scheduler, *, rank: int, seed: int, max_iters: int
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if rank < len(state["rng"]):
-        torch.set_rng_state(state["rng"][rank])
+        torch.set_rng_state(state["rng"][rank])  # again in train_iterations, after the loader is made
     if rank == 0:
         print(f"resuming at iteration {state['iteration']}/{max_iters} from the last checkpoint", flush=True)
     return state["iteration"], state
@@ -51,7 +51,8 @@ def restore(model, optimizer, scheduler, *, rank: int, seed: int, max_iters: int
 def train_iterations(model, optimizer, scheduler, batches: Iterator[list[dict]], device, *, rank: int, world: int,
                      start: int, max_iters: int, checkpoint_every: int, log_every_s: float, history: list,
                      eval_every: int | None = None, evaluate: Callable[[int], dict] | None = None,
-                     extra_state: Callable[[], dict] | None = None, report: Callable | None = None) -> None:
+                     extra_state: Callable[[], dict] | None = None, report: Callable | None = None,
+                     rng_state: list | None = None) -> None:
     """Train from iteration ``start`` to ``max_iters`` on ``batches`` (this rank's endless stream).
 
     A progress line every ``log_every_s`` seconds (rank 0). At every checkpoint or evaluation
@@ -60,12 +61,16 @@ def train_iterations(model, optimizer, scheduler, batches: Iterator[list[dict]],
     end; all ranks call it) returns metrics to add. A non-finite loss stops the run with the
     iteration and rank in the message. ``report(metrics)``, when given, takes the metrics
     instead of Ray Train, and no checkpoint is written (a Tune trial that trains in its own
-    process).
+    process). ``rng_state``: the checkpoint's per-rank torch RNG states, set here, after the
+    caller made its data iterator (which draws from the RNG), so that a resumed run's draws
+    (proposal sampling) continue exactly where the uninterrupted run's were.
     """
     import ray.train
     import torch.distributed as dist
 
     detector = unwrap_ddp(model)
+    if rng_state and rank < len(rng_state):
+        torch.set_rng_state(rng_state[rank])
     model.train()
     window: dict[str, float] = {}
     window_images = window_iters = 0

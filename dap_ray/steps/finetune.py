@@ -54,7 +54,14 @@ from dap_ray.models.detectors import (
 from dap_ray.models.training import detect, detector_optimizer, lr_factor, step_iterations
 from dap_ray.runs import check_same_settings, open_run
 from dap_ray.steps.detector_loop import STATE_FILE, restore, train_iterations
-from dap_ray.steps.ray_setup import cpus_per_worker, fit_torch_trainer, has_checkpoint, init_ray, train_worker_rank
+from dap_ray.steps.ray_setup import (
+    cpus_per_worker,
+    fit_torch_trainer,
+    has_checkpoint,
+    init_ray,
+    run_storage,
+    train_worker_rank,
+)
 
 __all__ = ["HEADLINE_METRICS", "PRESETS", "FinetuneConfig", "build_model", "finetune", "load_split", "make_optimizer",
            "resolve_architecture", "resolve_schedule", "training_loader"]
@@ -198,7 +205,7 @@ class FinetuneConfig:
 
 # Settings that change how the work is spread, not what is learnt: a rerun may change them.
 OPERATIONAL = ("output", "use_gpu", "cpus_per_worker", "loader_workers", "checkpoint_every", "log_every_s",
-               "max_failures", "storage_path", "eval_batch_size", "seeds")
+               "max_failures", "storage_path", "eval_batch_size", "eval_every", "seeds")
 
 
 def load_split(cfg: FinetuneConfig, which: Literal["train", "test"]) -> DetectionSet:
@@ -251,7 +258,8 @@ def resolve_schedule(cfg: FinetuneConfig, train_images: int) -> FinetuneConfig:
     if warmup is None:
         warmup = min(round(500 / scale), max_iters // 4)
     return dataclasses.replace(
-        cfg, max_iters=max_iters, lr=lr or preset.lr * scale, lr_steps=cfg.lr_steps or preset.steps,
+        cfg, max_iters=max_iters, lr=lr or preset.lr * scale,
+        lr_steps=cfg.lr_steps if cfg.lr_steps is not None else preset.steps,
         warmup_iters=warmup, min_sizes=cfg.min_sizes or preset.min_sizes, max_size=cfg.max_size or preset.max_size,
         eval_every=cfg.eval_every or cfg.checkpoint_every, preset=cfg.preset or cfg.format)
 
@@ -269,6 +277,9 @@ def _kshot_choice(cfg: FinetuneConfig) -> dict | None:
     entry = (table.get("shots") or {}).get(cfg.shots)
     if entry is None:
         raise ValueError(f"--kshot-table {path} has no entry for K = {cfg.shots} (it has {sorted(table.get('shots') or {})})")
+    if table.get("init") not in (None, cfg.init):
+        print(f"warning: --kshot-table {path} was chosen for --init {table.get('init')}, this run is {cfg.init}",
+              flush=True)
     return {"max_iters": int(entry["max_iters"]), "lr": float(entry["lr"]), "global_batch": int(table["global_batch"])}
 
 
@@ -333,6 +344,10 @@ class _TestImages(torch.utils.data.Dataset):
         except (OSError, BadImageError) as exc:
             print(f"test image {self.data.paths[position]} cannot be read, it gets no detections: {exc}", flush=True)
             return position, None
+        width, height = (int(v) for v in self.data.sizes[position])
+        if image.shape[:2] != (height, width):  # e.g. an EXIF-rotated photo annotated as stored
+            print(f"warning: test image {self.data.paths[position]} is {image.shape[1]}x{image.shape[0]} upright but "
+                  f"annotated as {width}x{height}: its detections and boxes are in different frames", flush=True)
         return position, torch.from_numpy(image).permute(2, 0, 1)
 
 
@@ -382,25 +397,41 @@ def _train_loop(loop_config: dict) -> None:
     start, state = restore(model, optimizer, scheduler, rank=rank, seed=seed, max_iters=cfg.max_iters)
     evaluations: list[dict] = state.get("evaluations", [])
 
+    final: dict = {}
+
     def evaluate(done: int) -> dict:
-        scores, results = _evaluate(model, test, cfg, rank, world, device)
+        # The test pass must not move the training's random streams: runs evaluated at other
+        # points then train alike.
+        with torch.random.fork_rng(devices=[]):
+            scores, results = _evaluate(model, test, cfg, rank, world, device)
         if rank != 0:
             return {}
         evaluations[:] = [e for e in evaluations if e["iteration"] < done] + [
             {"iteration": done, **{k: scores[k] for k in HEADLINE_METRICS}}]
         print(f"eval at iteration {done}: " + " ".join(f"{k} {scores[k]:.2f}" for k in ("AP", "AP50", "VOC_AP50")),
               flush=True)
-        _write_json_lines(output / "metrics.jsonl", evaluations)
-        if done == cfg.max_iters:
-            (output / "metrics.json").write_text(json.dumps(json_safe(scores), indent=2))
-            (output / "detections.json").write_text(json.dumps(results))
-        return {k: scores[k] for k in ("AP", "AP50", "VOC_AP50")}
+        _write_json_lines(output / "metrics.jsonl", evaluations)  # progress to follow (on rank 0's node)
+        if done == cfg.max_iters:  # the final figures travel to the driver in the last checkpoint
+            final.update(scores=json.dumps(json_safe(scores)), detections=_detections_tensor(results))
+        return {"progress": round(100 * done / cfg.max_iters), **{k: scores[k] for k in ("AP", "AP50", "VOC_AP50")}}
 
     loader = training_loader(cfg, train, seed, rank, world, start)
     train_iterations(model, optimizer, scheduler, iter(loader), device, rank=rank, world=world, start=start,
                      max_iters=cfg.max_iters, checkpoint_every=cfg.checkpoint_every, log_every_s=cfg.log_every_s,
                      history=state.get("history", []), eval_every=cfg.eval_every, evaluate=evaluate,
-                     extra_state=lambda: {"evaluations": evaluations})
+                     extra_state=lambda: {"evaluations": evaluations, **final}, rng_state=state.get("rng"))
+
+
+def _detections_tensor(results: list[dict]) -> torch.Tensor:
+    """COCO results as an (N, 7) float64 tensor (image_id, category_id, x, y, w, h, score): what a
+    checkpoint holds compactly and loads with ``weights_only``."""
+    rows = [[r["image_id"], r["category_id"], *r["bbox"], r["score"]] for r in results]
+    return torch.tensor(rows, dtype=torch.float64).reshape(-1, 7)
+
+
+def _detections_from_tensor(table: torch.Tensor) -> list[dict]:
+    return [{"image_id": int(row[0]), "category_id": int(row[1]), "bbox": row[2:6], "score": row[6]}
+            for row in table.tolist()]
 
 
 def _write_json_lines(path: Path, rows: list[dict]) -> None:
@@ -463,7 +494,7 @@ def _run_one(cfg: FinetuneConfig, seed: int, train_all: DetectionSet, test: Dete
         if len(train) < cfg.num_workers:
             raise ValueError(f"{len(train)} training images with boxes cannot feed {cfg.num_workers} workers")
         run_cfg = resolve_schedule(dataclasses.replace(cfg, seeds=(seed,)), len(train))
-        storage = Path(cfg.storage_path).resolve() / folder.name if cfg.storage_path else folder / "ray"
+        storage = run_storage(cfg.storage_path, folder)
         if has_checkpoint(storage, "finetune") or (folder / "detector_final.pt").is_file():
             check_same_settings(folder, config_to_dict(run_cfg), "a fine-tuning run", except_keys=OPERATIONAL)
             finished = _finished(folder, run_cfg)
@@ -493,8 +524,13 @@ def _run_one(cfg: FinetuneConfig, seed: int, train_all: DetectionSet, test: Dete
             name="finetune", storage=storage, num_workers=resolved.num_workers, use_gpu=resolved.use_gpu,
             cpus=resolved.cpus_per_worker, max_failures=resolved.max_failures, state_file=STATE_FILE)
         torch.save(state["model"], folder / "detector_final.pt")
+        # Written here from the last checkpoint, not by rank 0, whose node may be another.
         evaluations = state["evaluations"]
-        final = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
+        _write_json_lines(folder / "metrics.jsonl", evaluations)
+        final = json.loads(state["scores"]) if "scores" in state else {}
+        if final:
+            (folder / "metrics.json").write_text(json.dumps(final, indent=2))
+            (folder / "detections.json").write_text(json.dumps(_detections_from_tensor(state["detections"])))
         from dap_ray.evaluation.plots import plot_learning_curves
 
         plot_learning_curves({cfg.init.split(":")[0].upper(): evaluations}, folder / "learning_curve.png",

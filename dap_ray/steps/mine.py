@@ -170,31 +170,33 @@ def mine(cfg: MineConfig) -> dict:
         return _mine(cfg, output)
 
 
-def _classifier_class_map(cfg: MineConfig, output: Path) -> MineConfig:
-    """``cfg`` labelling images in the classifier's own class order, when Step 1's ``meta.json`` gives it.
+def _classifier_class_map(cfg: MineConfig, output: Path) -> tuple[MineConfig, list[str] | None]:
+    """``cfg`` labelling images in the classifier's own class order, when Step 1's ``meta.json`` gives
+    it, and the class list to write to ``output/classes.txt`` (once the run is known to go ahead).
 
     A class map that disagrees with it is an error: every CAM would be taken for the wrong class.
     """
     known = classifier_classes(cfg.weights)
     if known is None:
-        return cfg
+        return cfg, None
     meta = Path(cfg.weights).parent / "meta.json"
     if cfg.class_map:
         difference = first_class_difference(read_class_map(cfg.class_map), known)
         if difference:
             raise ValueError(f"class map {cfg.class_map} disagrees with the classes the classifier was trained on "
                              f"({meta}): {difference}")
-        return cfg
-    path = output / "classes.txt"
-    if not path.is_file() or path.read_text().split() != known:
-        path.write_text("".join(f"{name}\n" for name in known))
-    print(f"labelling images in the classifier's class order ({meta}; written to {path})", flush=True)
-    return dataclasses.replace(cfg, class_map=str(path))
+        return cfg, None
+    print(f"labelling images in the classifier's class order ({meta}; written to {output / 'classes.txt'})",
+          flush=True)
+    return dataclasses.replace(cfg, class_map=str(output / "classes.txt")), known
 
 
-def _comparable(settings: dict) -> dict:
-    """Settings with the class map's path replaced by its classes: the same list from two paths is the same."""
+def _comparable(settings: dict, classes: list[str] | None = None) -> dict:
+    """Settings with the class map's path replaced by its classes (``classes`` when given): the same
+    list from two paths is the same."""
     path = settings.get("class_map")
+    if classes is not None:
+        return {**settings, "class_map": classes}
     if path and Path(path).is_file():
         return {**settings, "class_map": read_class_map(path)}
     return settings
@@ -204,16 +206,21 @@ def _mine(cfg: MineConfig, output: Path) -> dict:
     import ray
     from ray.data import ActorPoolStrategy
 
-    cfg = _classifier_class_map(cfg, output)
+    cfg, classes_to_write = _classifier_class_map(cfg, output)
     saved = output / "config.yaml"
     done = read_done_ids(output)
     if done and saved.is_file():
+        # Checked before anything in the output changes: a refused rerun leaves the run as it was.
         previous = _comparable(yaml.safe_load(saved.read_text()) or {})
-        differing = settings_differ(previous, _comparable(config_to_dict(cfg)), BOX_SETTINGS)
+        differing = settings_differ(previous, _comparable(config_to_dict(cfg), classes_to_write), BOX_SETTINGS)
         if differing:
             details = "; ".join(f"{k}: {previous.get(k)!r} then, {getattr(cfg, k)!r} now" for k in differing)
             raise ValueError(f"{output} already holds {len(done)} images mined with other settings ({details}): "
                              f"mining on would mix two runs. Give another --output, or the same settings to resume")
+    if classes_to_write is not None:
+        path = Path(cfg.class_map)
+        if not path.is_file() or read_class_map(path) != classes_to_write:
+            path.write_text("".join(f"{name}\n" for name in classes_to_write))
     retried = drop_retryable_errors(output)
     if retried:
         print(f"retrying {retried} images whose reading failed last time (I/O errors, files not found)", flush=True)

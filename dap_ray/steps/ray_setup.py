@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["TrainingFailedError", "cpus_per_worker", "fit_torch_trainer", "has_checkpoint", "init_ray",
+__all__ = ["TrainingFailedError", "cpus_per_worker", "fit_torch_trainer", "has_checkpoint", "init_ray", "run_storage",
            "train_worker_rank"]
 
 
@@ -25,6 +25,18 @@ def init_ray(**kwargs) -> None:
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
         kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": path}}
     ray.init(**kwargs)
+
+
+def run_storage(storage_path: str | None, output: Path) -> Path:
+    """Where Ray Train keeps a run's checkpoints: ``output/ray``, or under ``storage_path`` (shared
+    storage on a cluster) in a folder of this output's own, so that two outputs sharing one
+    ``--storage-path`` never resume each other's checkpoints."""
+    import hashlib
+
+    output = Path(output).resolve()
+    if not storage_path:
+        return output / "ray"
+    return Path(storage_path).resolve() / f"{output.name}-{hashlib.sha1(str(output).encode()).hexdigest()[:10]}"
 
 
 def has_checkpoint(storage: Path, name: str) -> bool:

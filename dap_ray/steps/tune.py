@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -40,6 +41,9 @@ __all__ = ["DEFAULT_THRESHOLD_SETS", "TuneBoxesConfig", "TuneFinetuneConfig", "t
 DEFAULT_THRESHOLD_SETS = ("0.2,0.3,0.4,0.5", "0.1,0.2,0.3,0.4", "0.3,0.4,0.5,0.6", "0.2,0.4", "0.15,0.25,0.35,0.45",
                           "0.1,0.2,0.3,0.4,0.5,0.6")
 PAPER_DEFAULT = {"thresholds": "0.2,0.3,0.4,0.5", "nms_iou": 0.8, "preset": "official", "size_measure": "rectangle"}
+# Settings a rerun may change: how the work is spread, not what is searched or scored.
+BOX_SWEEP_OPERATIONAL = ("output", "batch_size", "max_concurrent_trials", "storage_path")
+FINETUNE_SWEEP_OPERATIONAL = ("output", "max_concurrent_trials", "storage_path", "loader_workers")
 
 
 @dataclass(frozen=True)
@@ -160,12 +164,12 @@ def tune_boxes(cfg: TuneBoxesConfig) -> dict:
     import ray.tune
     from ray.tune.search import BasicVariantGenerator
 
-    from dap_ray.config import save_config
+    from dap_ray.config import config_to_dict, save_config
     from dap_ray.localisation.cam import CamExtractor
     from dap_ray.localisation.sweep import CamCache, compute_cam_cache, fingerprint
     from dap_ray.models.classifiers import load_classifier
-    from dap_ray.runs import open_run
-    from dap_ray.steps.ray_setup import init_ray
+    from dap_ray.runs import check_same_settings, open_run
+    from dap_ray.steps.ray_setup import init_ray, run_storage
 
     if cfg.gt_boxes is None or cfg.images is None:
         raise ValueError("give --gt-boxes and --images (the jobs fill in the built-in sample: dap_ray.steps.embedded)")
@@ -175,6 +179,9 @@ def tune_boxes(cfg: TuneBoxesConfig) -> dict:
     for name in ("gt_boxes", "weights", "class_map"):
         if getattr(cfg, name) and not Path(getattr(cfg, name)).is_file():
             raise ValueError(f"--{name.replace('_', '-')} not found: {getattr(cfg, name)}")
+    if cfg.weights is None:
+        print(f"warning: no --weights: the CAMs come from {cfg.classifier} as its factory builds it (a random "
+              "classifier's CAMs say nothing about box settings)", flush=True)
     with open_run(Path(cfg.output).resolve()) as output:
         ground_truth, items, category_ids = _labelled_images(cfg)
         key = fingerprint(gt_boxes=cfg.gt_boxes, images=cfg.images, classifier=cfg.classifier, weights=cfg.weights,
@@ -188,13 +195,15 @@ def tune_boxes(cfg: TuneBoxesConfig) -> dict:
             cache.save(output / "cams.npz", key)
         else:
             print(f"using the cached CAMs of {len(cache)} images ({output / 'cams.npz'})", flush=True)
+        # A rerun resumes the sweep as it was: other settings would mix two sweeps' trials.
+        check_same_settings(output, config_to_dict(cfg), "a box sweep", except_keys=BOX_SWEEP_OPERATIONAL)
         save_config(cfg, output / "config.yaml")
 
         init_ray()
         grid = cfg.grid()
         space = {name: ray.tune.grid_search(values) for name, values in grid.items()}
         trials = math.prod(len(v) for v in grid.values())
-        storage = Path(cfg.storage_path).resolve() if cfg.storage_path else output / "ray"
+        storage = run_storage(cfg.storage_path, output)
         trainable = ray.tune.with_parameters(_box_trial, cache=cache, ground_truth=ground_truth,
                                              category_ids=category_ids)
         concurrent = cfg.max_concurrent_trials or max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -306,7 +315,9 @@ class TuneFinetuneConfig:
     lrs: tuple[float, ...] = field(default=(0.0025, 0.01), metadata={"help": "learning rates to try"})
     val_images: int = field(default=60, metadata={
         "help": "validation images drawn from the training images the k-shot draw left out"})
-    eval_every: int = field(default=10, metadata={"help": "iterations between validations (ASHA's rungs)"})
+    evals_per_trial: int = field(default=4, metadata={
+        "help": "validations along each trial's schedule, evenly spaced (ASHA compares trials at the same share "
+                "of their own schedules)"})
     seed: int = field(default=0, metadata={"help": "k-shot draw, validation draw and training seed"})
     workers_per_trial: int = field(default=0, metadata={
         "help": "Ray Train workers inside each trial (0: the trial trains in its own process)"})
@@ -331,7 +342,7 @@ class TuneFinetuneConfig:
             raise ValueError(f"shots must be positive, got {self.shots}")
         if not self.iterations or min(self.iterations) < 1 or not self.lrs or min(self.lrs) <= 0:
             raise ValueError("iterations must be positive numbers and lrs positive")
-        for name in ("val_images", "eval_every", "batch_size"):
+        for name in ("val_images", "evals_per_trial", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
@@ -344,28 +355,32 @@ class TuneFinetuneConfig:
             init=self.init, detector=self.detector, backbone=self.backbone, preset=self.preset,
             min_sizes=self.min_sizes, max_size=self.max_size, batch_size=self.batch_size,
             num_workers=max(1, self.workers_per_trial), roi_batch_size_per_image=self.roi_batch_size_per_image,
-            test_proposals=self.test_proposals, loader_workers=self.loader_workers, eval_every=self.eval_every,
-            log_every_s=1e9)
+            test_proposals=self.test_proposals, loader_workers=self.loader_workers, log_every_s=1e9)
 
 
-def _finetune_trial(config: dict, base: dict, train, val, seed: int, workers: int) -> None:
+def _finetune_trial(config: dict, base: dict, train, val, seed: int, workers: int, evals: int) -> None:
     """One Tune trial: a Step 4 fine-tune of ``config['max_iters']`` iterations at ``config['lr']``,
-    validated every ``eval_every`` iterations (``AP50`` etc. on ``val``)."""
+    validated ``evals`` times along its schedule (``AP50`` etc. on ``val``, and ``progress``: the
+    share of its own schedule done, in percent, which ASHA compares trials at)."""
     import ray.tune
     import torch
 
     from dap_ray.steps.finetune import FinetuneConfig, resolve_schedule
 
-    cfg = resolve_schedule(dataclasses.replace(FinetuneConfig(**base), max_iters=config["max_iters"],
-                                               lr=config["lr"], checkpoint_every=config["max_iters"]), len(train))
+    iters = config["max_iters"]
+    cfg = resolve_schedule(dataclasses.replace(FinetuneConfig(**base), max_iters=iters, lr=config["lr"],
+                                               checkpoint_every=iters, eval_every=max(1, iters // evals)), len(train))
+    from dap_ray.config import config_to_dict
+
     if workers:
         from ray.tune.integration.ray_train import TuneReportCallback
 
         from dap_ray.steps.finetune import _train_loop
         from dap_ray.steps.ray_setup import fit_torch_trainer
 
+        # Ray Train reports the metrics of the loop; ASHA then compares trials by iteration.
         trial = Path(ray.tune.get_context().get_trial_dir())
-        fit_torch_trainer(_train_loop, {"config": _plain_config(cfg), "train": train, "test": val, "seed": seed,
+        fit_torch_trainer(_train_loop, {"config": config_to_dict(cfg), "train": train, "test": val, "seed": seed,
                                         "output": str(trial)},
                           name=f"train-{ray.tune.get_context().get_trial_id()}", storage=trial / "train",
                           num_workers=workers, use_gpu=cfg.use_gpu, cpus=1, max_failures=0, state_file=None,
@@ -384,17 +399,11 @@ def _finetune_trial(config: dict, base: dict, train, val, seed: int, workers: in
 
     def evaluate(done: int) -> dict:
         scores, _ = _evaluate(model, val, cfg, 0, 1, device)
-        return {k: scores[k] for k in ("AP", "AP50", "VOC_AP50")}
+        return {"progress": round(100 * done / iters), **{k: scores[k] for k in ("AP", "AP50", "VOC_AP50")}}
 
     train_iterations(model, optimizer, scheduler, iter(training_loader(cfg, train, seed)), device, rank=0, world=1,
                      start=0, max_iters=cfg.max_iters, checkpoint_every=cfg.max_iters, log_every_s=1e9, history=[],
                      eval_every=cfg.eval_every, evaluate=evaluate, report=ray.tune.report)
-
-
-def _plain_config(cfg) -> dict:
-    from dap_ray.config import config_to_dict
-
-    return config_to_dict(cfg)
 
 
 def tune_finetune(cfg: TuneFinetuneConfig) -> dict:
@@ -408,11 +417,11 @@ def tune_finetune(cfg: TuneFinetuneConfig) -> dict:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from dap_ray.config import save_config
+    from dap_ray.config import config_to_dict, save_config
     from dap_ray.data.fewshot import sample_k_shot
-    from dap_ray.runs import open_run
+    from dap_ray.runs import check_same_settings, open_run
     from dap_ray.steps.finetune import load_split, resolve_architecture
-    from dap_ray.steps.ray_setup import init_ray
+    from dap_ray.steps.ray_setup import init_ray, run_storage
 
     if cfg.train is None or cfg.init is None:
         raise ValueError("give --train and --init (the jobs fill in the built-in sample: dap_ray.steps.embedded)")
@@ -423,14 +432,21 @@ def tune_finetune(cfg: TuneFinetuneConfig) -> dict:
     train_all = load_split(base, "train")
     rows, table, curves = [], {}, {}
     with open_run(Path(cfg.output).resolve()) as output:
+        check_same_settings(output, config_to_dict(cfg), "a k-shot sweep", except_keys=FINETUNE_SWEEP_OPERATIONAL)
         save_config(cfg, output / "config.yaml")
         init_ray()
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        # A trial that starts Ray Train holds little itself; its workers need CPUs of their own,
-        # or trials holding every CPU would wait for them forever (Ray issue #54305).
+        # A trial that starts Ray Train holds little itself; its workers need a CPU each of their
+        # own, or trials holding every CPU would wait for them forever (Ray issue #54305).
+        if cfg.workers_per_trial and cfg.workers_per_trial > cpus:
+            problem = (f"--workers-per-trial {cfg.workers_per_trial} needs that many CPUs for one trial's Ray Train "
+                       f"workers; the cluster has {cpus}")
+            if not os.environ.get("RAY_ADDRESS"):
+                raise ValueError(problem)
+            print(f"warning: {problem} (an autoscaling cluster may add them)", flush=True)
         concurrent = cfg.max_concurrent_trials or (
-            max(1, (cpus - 1) // max(1, cfg.workers_per_trial)) if cfg.workers_per_trial else max(1, cpus))
-        storage = Path(cfg.storage_path).resolve() if cfg.storage_path else output / "ray"
+            max(1, cpus // cfg.workers_per_trial) if cfg.workers_per_trial else max(1, cpus))
+        storage = run_storage(cfg.storage_path, output)
         for k in cfg.shots:
             chosen, _ = sample_k_shot(train_all, k, cfg.seed)
             rest = np.setdiff1d(np.arange(len(train_all)), chosen)
@@ -440,8 +456,9 @@ def tune_finetune(cfg: TuneFinetuneConfig) -> dict:
             picked = train_all.subset(chosen)
             train = picked.subset(picked.training_indices())
             val = train_all.subset(np.sort(val_rows))
-            trainable = ray.tune.with_parameters(_finetune_trial, base=_plain_config(base), train=train, val=val,
-                                                 seed=cfg.seed, workers=cfg.workers_per_trial)
+            trainable = ray.tune.with_parameters(_finetune_trial, base=config_to_dict(base), train=train, val=val,
+                                                 seed=cfg.seed, workers=cfg.workers_per_trial,
+                                                 evals=cfg.evals_per_trial)
             if cfg.workers_per_trial:
                 trainable = ray.tune.with_resources(trainable, {"cpu": 0.01})
             experiment = storage / f"finetune_k{k}"
@@ -459,8 +476,10 @@ def tune_finetune(cfg: TuneFinetuneConfig) -> dict:
                     tune_config=ray.tune.TuneConfig(
                         metric="AP50", mode="max", max_concurrent_trials=concurrent,
                         search_alg=BasicVariantGenerator(random_state=cfg.seed),
-                        scheduler=ASHAScheduler(time_attr="iteration", max_t=max(cfg.iterations),
-                                                grace_period=cfg.eval_every, reduction_factor=2)),
+                        # Rungs at shares of each trial's own schedule: a short schedule has decayed
+                        # its rate by its end, a long one has barely warmed up at the same iteration.
+                        scheduler=ASHAScheduler(time_attr="progress", max_t=100,
+                                                grace_period=max(1, 100 // cfg.evals_per_trial), reduction_factor=2)),
                     run_config=ray.tune.RunConfig(name=experiment.name, storage_path=str(storage), verbose=0,
                                                   failure_config=ray.tune.FailureConfig(max_failures=1)))
             results = tuner.fit()
@@ -486,21 +505,21 @@ def tune_finetune(cfg: TuneFinetuneConfig) -> dict:
             table[k] = {"max_iters": best["max_iters"], "lr": best["lr"], "val_AP50": best["val_AP50"]}
             print(f"K = {k}: best {best['max_iters']} iterations at lr {best['lr']:g} "
                   f"(validation AP50 {best['val_AP50']:.2f})", flush=True)
-    rows.sort(key=lambda r: (r["shots"], -(r["val_AP50"] if r["val_AP50"] == r["val_AP50"] else -1.0)))
-    pyarrow.csv.write_csv(pa.Table.from_pylist(rows), output / "results.csv")
-    lines = ["| K | iterations | lr | validation AP50 | iterations run | stopped early |",
-             "| ---: | ---: | ---: | ---: | ---: | --- |"]
-    lines += [f"| {r['shots']} | {r['max_iters']} | {r['lr']:g} | {r['val_AP50']:.2f} | {r['iterations_run']} | "
-              f"{'yes' if r['stopped_early'] else 'no'} |" for r in rows]
-    (output / "results.md").write_text("\n".join(lines) + "\n")
-    preset = {"global_batch": base.global_batch(), "init": base.init, "seed": cfg.seed,
-              "shots": {k: {"max_iters": v["max_iters"], "lr": v["lr"]} for k, v in table.items()}}
-    (output / "kshot_preset.yaml").write_text(
-        "# Iterations and lr per K from jobs/tune_finetune.py: jobs/finetune.py --kshot-table this file.\n"
-        + yaml.safe_dump(preset, sort_keys=False))
-    from dap_ray.evaluation.plots import plot_learning_curves
+        rows.sort(key=lambda r: (r["shots"], -(r["val_AP50"] if r["val_AP50"] == r["val_AP50"] else -1.0)))
+        pyarrow.csv.write_csv(pa.Table.from_pylist(rows), output / "results.csv")
+        lines = ["| K | iterations | lr | validation AP50 | iterations run | stopped early |",
+                 "| ---: | ---: | ---: | ---: | ---: | --- |"]
+        lines += [f"| {r['shots']} | {r['max_iters']} | {r['lr']:g} | {r['val_AP50']:.2f} | {r['iterations_run']} | "
+                  f"{'yes' if r['stopped_early'] else 'no'} |" for r in rows]
+        (output / "results.md").write_text("\n".join(lines) + "\n")
+        preset = {"global_batch": base.global_batch(), "init": base.init, "seed": cfg.seed,
+                  "shots": {k: {"max_iters": v["max_iters"], "lr": v["lr"]} for k, v in table.items()}}
+        (output / "kshot_preset.yaml").write_text(
+            "# Iterations and lr per K from jobs/tune_finetune.py: jobs/finetune.py --kshot-table this file.\n"
+            + yaml.safe_dump(preset, sort_keys=False))
+        from dap_ray.evaluation.plots import plot_learning_curves
 
-    plot_learning_curves({name: [{"iteration": i, "AP50": a} for i, a in points] for name, points in curves.items()},
-                         output / "sweep.png", metrics=("AP50",), title="k-shot sweep: validation AP50")
-    print("\n".join(lines), flush=True)
-    return {"shots": table, "trials": rows}
+        plot_learning_curves({name: [{"iteration": i, "AP50": a} for i, a in points] for name, points in curves.items()},
+                             output / "sweep.png", metrics=("AP50",), title="k-shot sweep: validation AP50")
+        print("\n".join(lines), flush=True)
+        return {"shots": table, "trials": rows}

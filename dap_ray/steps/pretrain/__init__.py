@@ -14,7 +14,7 @@ from pathlib import Path
 from dap_ray.config import config_to_dict
 from dap_ray.runs import check_same_settings, open_run
 from dap_ray.steps.pretrain.config import PretrainConfig, prepare_data
-from dap_ray.steps.ray_setup import has_checkpoint
+from dap_ray.steps.ray_setup import has_checkpoint, run_storage
 
 __all__ = ["PretrainConfig", "prepare_data", "pretrain"]
 
@@ -38,7 +38,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         print("warning: no --backbone-weights: the backbone starts at random (DAP starts from the Step 1 classifier)",
               flush=True)
     with open_run(Path(cfg.output).resolve()) as output:
-        storage = Path(cfg.storage_path).resolve() if cfg.storage_path else output / "ray"
+        storage = run_storage(cfg.storage_path, output)
         started = (has_checkpoint(storage, "pretrain") or (output / "detectron2").is_dir()
                    or (output / "detector_final.pt").is_file())
         if started:

@@ -4,7 +4,7 @@ detectron2 is not on the package registry (its users build it from source), so t
 imports it only inside the functions that need it and says how to install it otherwise.
 What can be checked without detectron2 is plain Python here: the pseudo boxes as
 detectron2 dataset dicts (:func:`to_detectron2_dicts`) and a torchvision ResNet state
-dict renamed to detectron2's layout (:func:`torchvision_to_detectron2`, the mapping of
+dict renamed to detectron2's layout (:mod:`dap_ray.models.detectron2_names`, the mapping of
 detectron2's ``tools/convert-torchvision-to-d2.py``).
 
 Training runs detectron2's ``DefaultTrainer`` inside Ray Train workers (Ray Train sets up
@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import json
 import pickle
-import re
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from dap_ray.data.sources import id_to_path
+from dap_ray.models.detectron2_names import torchvision_to_detectron2
 
-__all__ = ["INSTALL_HINT", "require_detectron2", "to_detectron2_dicts", "torchvision_to_detectron2", "train_detectron2"]
+__all__ = ["INSTALL_HINT", "require_detectron2", "to_detectron2_dicts", "train_detectron2"]
 
 INSTALL_HINT = (
     "--backend detectron2 needs detectron2, which is not on the package registry: build it from source "
@@ -72,26 +73,6 @@ def to_detectron2_dicts(pseudo, input_root: str | Path | None = None, fmt: str =
     return dicts
 
 
-def torchvision_to_detectron2(state: dict) -> dict[str, np.ndarray]:
-    """A torchvision ResNet state dict renamed to detectron2's ``backbone.bottom_up`` layout.
-
-    Keys as detectron2 loads them with ``matching_heuristics`` (no ``backbone.bottom_up.``
-    prefix; the heuristics add it), values as numpy arrays; ``fc`` is left out.
-    """
-    renamed = {}
-    for key, value in state.items():
-        if key.startswith("fc.") or key.endswith("num_batches_tracked"):
-            continue
-        new = key
-        if new.startswith(("conv1.", "bn1.")):
-            new = "stem." + new
-        new = re.sub(r"^layer(\d)", lambda m: f"res{int(m.group(1)) + 1}", new)
-        new = re.sub(r"bn(\d)", r"conv\1.norm", new)
-        new = new.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
-        renamed[new] = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
-    return renamed
-
-
 def _zoo_config(name: str) -> Path:
     """A config file that detectron2 ships, found beside its package: ``detectron2.model_zoo``
     looks it up through ``pkg_resources``, which setuptools 81 and later no longer provide."""
@@ -119,6 +100,10 @@ def _detectron2_config(cfg, num_classes: int, output: Path, weights_file: str | 
     d2.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
     d2.MODEL.RETINANET.NUM_CLASSES = num_classes
     d2.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = cfg.roi_batch_size_per_image
+    # torchvision's box pooler (MultiScaleRoIAlign: aligned=False, sampling ratio 2), so that the
+    # two backends train one architecture and their weights convert both ways.
+    d2.MODEL.ROI_BOX_HEAD.POOLER_TYPE = "ROIAlign"
+    d2.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO = 2
     d2.MODEL.WEIGHTS = weights_file or ""
     d2.MODEL.DEVICE = "cuda" if cfg.use_gpu else "cpu"
     d2.INPUT.FORMAT = "RGB"
@@ -154,7 +139,6 @@ def _train_loop(loop_config: dict) -> None:
     import copy
 
     import ray.train
-    import torch
     from detectron2.data import (
         DatasetCatalog,
         MetadataCatalog,
@@ -213,7 +197,7 @@ def train_detectron2(cfg, pseudo, classes: list[str], output: Path) -> dict:
     require_detectron2()
     from dap_ray.config import config_to_dict, save_config
     from dap_ray.models.classifiers import load_classifier
-    from dap_ray.steps.ray_setup import cpus_per_worker, fit_torch_trainer, init_ray
+    from dap_ray.steps.ray_setup import cpus_per_worker, fit_torch_trainer, init_ray, run_storage
 
     if cfg.backbone not in _DEPTHS:
         raise ValueError(f"--backend detectron2 supports backbones {sorted(_DEPTHS)}, got {cfg.backbone!r}")
@@ -229,12 +213,40 @@ def train_detectron2(cfg, pseudo, classes: list[str], output: Path) -> dict:
     fit_torch_trainer(  # detectron2 keeps its own checkpoints under RUN_DIR/detectron2
         _train_loop,
         {"config": config_to_dict(cfg), "classes": classes, "output": str(output), "weights_file": weights_file},
-        name="pretrain_detectron2", storage=Path(cfg.storage_path).resolve() if cfg.storage_path else output / "ray",
+        name="pretrain_detectron2", storage=run_storage(cfg.storage_path, output),
         num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
         cpus=cpus_per_worker(cfg.cpus_per_worker, cfg.use_gpu, cfg.num_workers), max_failures=cfg.max_failures,
         state_file=None)
-    meta = {"backend": "detectron2", "detector": cfg.detector, "backbone": cfg.backbone, "classes": classes,
-            "iterations": cfg.max_iters, "images": len(pseudo), "checkpoint": str(output / "detector_final_d2.pth"),
-            "config": config_to_dict(cfg)}
+    history = _detectron2_history(output / "detectron2" / "metrics.json")
+    meta = {"backend": "detectron2", "detector": cfg.detector, "backbone": cfg.backbone,
+            "num_classes": len(classes) + 1, "classes": ["__background__"] + classes, "iterations": cfg.max_iters,
+            "images": len(pseudo), "checkpoint": str(output / "detector_final_d2.pth"),
+            "first_loss": history[0]["loss"] if history else None, "last_loss": history[-1]["loss"] if history else None,
+            "history": history, "config": config_to_dict(cfg)}
+    if cfg.detector == "faster_rcnn_fpn":
+        # The same weights in torchvision's names: Step 4 (--init dap:RUN) starts from either backend.
+        from dap_ray.models.detectron2_names import detectron2_detector_to_torchvision
+
+        state = torch.load(output / "detector_final_d2.pth", map_location="cpu", weights_only=True)
+        torch.save(detectron2_detector_to_torchvision(state), output / "detector_final.pt")
+        meta["torchvision_checkpoint"] = str(output / "detector_final.pt")
     (output / "meta.json").write_text(json.dumps(meta, indent=2))
     return meta
+
+
+def _detectron2_history(path: Path) -> list[dict]:
+    """detectron2's logged losses (its JSON writer, one line per period) as ``[{iteration, loss,
+    <loss parts>, lr}]``, the keys of the torchvision backend's history."""
+    history = []
+    if not path.is_file():
+        return history
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if "total_loss" not in entry:
+            continue
+        history.append({"iteration": int(entry["iteration"]) + 1, "loss": entry["total_loss"], "lr": entry.get("lr"),
+                        **{k: v for k, v in entry.items() if k.startswith("loss_")}})
+    return history

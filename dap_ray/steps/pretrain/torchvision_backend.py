@@ -32,6 +32,7 @@ from dap_ray.steps.ray_setup import (
     cpus_per_worker,
     fit_torch_trainer,
     init_ray,
+    run_storage,
     train_worker_rank,
 )
 
@@ -87,7 +88,7 @@ def _train_loop(loop_config: dict) -> None:
     batches = iter(training_loader(cfg, pseudo, rank, world, start))
     train_iterations(model, optimizer, scheduler, batches, device, rank=rank, world=world, start=start,
                      max_iters=cfg.max_iters, checkpoint_every=cfg.checkpoint_every, log_every_s=cfg.log_every_s,
-                     history=state.get("history", []))
+                     history=state.get("history", []), rng_state=state.get("rng"))
 
 
 def train_torchvision(cfg: PretrainConfig, pseudo: PseudoBoxes, classes: list[str], output: Path) -> dict:
@@ -103,7 +104,7 @@ def train_torchvision(cfg: PretrainConfig, pseudo: PseudoBoxes, classes: list[st
           f"{cfg.num_workers} worker(s) x batch {cfg.batch_size}, {cfg.max_iters} iterations", flush=True)
     state = fit_torch_trainer(
         _train_loop, {"config": config_to_dict(resolved), "num_classes": num_classes},
-        name="pretrain", storage=Path(cfg.storage_path).resolve() if cfg.storage_path else output / "ray",
+        name="pretrain", storage=run_storage(cfg.storage_path, output),
         num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, cpus=resolved.cpus_per_worker,
         max_failures=cfg.max_failures, state_file=STATE_FILE)
     torch.save(state["model"], output / "detector_final.pt")
