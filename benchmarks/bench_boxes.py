@@ -1,10 +1,14 @@
 """CAM-to-box speed on one CPU core: vectorised batch vs. one map at a time vs. the
-straightforward per-component reference, on CAM-like 18x24 maps (a 4:3 image at 576).
+straightforward per-component reference (the authors' released script's method), on
+CAM-like maps of two kinds: uniform 18x24 maps (a 4:3 image at 576) and mixed shapes (image
+sides drawn from 48 to 1,400 px, as in web-crawled data with panoramas and thin strips; the
+map is the image at short side 576 on the stride-32 grid, 18 x 18 to 18 x 525).
 
-    python benchmarks/bench_boxes.py [--maps 4000] [--preset official|paper]
+    python benchmarks/bench_boxes.py [--maps 4000] [--batch 64] [--preset official|paper]
 
-Prints maps/s and ms/map for each and the speed-ups. Target (issue 2): the batched path at
-<= 0.09 ms per map per core, 10x the authors' released script (~0.9 ms on these machines).
+Prints maps/s and ms/map for each and the speed-ups. Targets: the batched path at <= 0.09 ms
+per map per core on uniform maps (issue 2), and at least 10x the reference per map for both
+uniform and mixed shapes (issue 12), batched as the pipeline batches (``--batch``).
 """
 
 import os
@@ -42,40 +46,64 @@ def cam_like_maps(count: int, shape=(18, 24), seed: int = 0) -> list[np.ndarray]
     return maps
 
 
+def mixed_shape_maps(count: int, seed: int = 0) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+    """CAM-like maps of images with sides drawn from 48 to 1,400 px, and the images' (W, H)."""
+    rng = np.random.default_rng(seed)
+    sizes = [tuple(int(v) for v in rng.integers(48, 1401, 2)) for _ in range(count)]
+    shapes = [tuple(-(-576 * side // min(w, h) // 32) for side in (h, w)) for w, h in sizes]
+    by_shape: dict[tuple[int, int], list[np.ndarray]] = {}
+    for shape in set(shapes):
+        by_shape[shape] = cam_like_maps(shapes.count(shape), shape, seed)
+    return [by_shape[shape].pop() for shape in shapes], sizes
+
+
 def rate(fn, count: int) -> float:
     start = time.perf_counter()
     fn()
     return count / (time.perf_counter() - start)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--maps", type=int, default=4000, help="maps per measurement (default 4000)")
-    parser.add_argument("--preset", default="official", choices=["official", "paper"])
-    args = parser.parse_args()
-    cv2.setNumThreads(1)
-    config = BoxConfig.from_preset(args.preset)
-    maps = cam_like_maps(args.maps)
-    sizes = [(500, 375)] * len(maps)
+def measure(name: str, maps: list[np.ndarray], sizes: list, batch: int, preset: str) -> dict[str, float]:
+    config = BoxConfig.from_preset(preset)
     few = max(1, len(maps) // 4)
-
-    cam_to_boxes_batch(maps[:64], sizes[:64], config)  # warm-up
+    # Warm-ups: the reference's first call imports scipy, which must not count as its work.
+    cam_to_boxes_batch(maps[:batch], sizes[:batch], config)
+    cam_to_boxes(maps[0], sizes[0], preset=preset)
+    cam_to_boxes_reference(maps[0], sizes[0], config)
+    batches = [(maps[i : i + batch], sizes[i : i + batch]) for i in range(0, len(maps), batch)]
     results = {
-        "vectorised, batched": rate(lambda: cam_to_boxes_batch(maps, sizes, config), len(maps)),
+        f"vectorised, batches of {batch}": rate(lambda: [cam_to_boxes_batch(m, s, config) for m, s in batches],
+                                                len(maps)),
         "vectorised, one map a call": rate(
-            lambda: [cam_to_boxes(m, s, preset=args.preset) for m, s in zip(maps[:few], sizes)], few
+            lambda: [cam_to_boxes(m, s, preset=preset) for m, s in zip(maps[:few], sizes)], few
         ),
         "per-component reference": rate(
             lambda: [cam_to_boxes_reference(m, s, config) for m, s in zip(maps[:few], sizes)], few
         ),
     }
     boxes = sum(len(b) for b, _ in cam_to_boxes_batch(maps, sizes, config)) / len(maps)
-    print(f"preset={args.preset} maps={len(maps)} shape=18x24 cores=1 boxes/map={boxes:.2f}")
-    for name, per_s in results.items():
-        print(f"{name:>28}: {per_s:10.0f} maps/s  {1e3 / per_s:7.4f} ms/map")
+    cells = sum(m.size for m in maps) / len(maps)
+    print(f"{name}: preset={preset} maps={len(maps)} cells/map={cells:.0f} cores=1 boxes/map={boxes:.2f}")
+    for label, per_s in results.items():
+        print(f"{label:>28}: {per_s:10.0f} maps/s  {1e3 / per_s:7.4f} ms/map")
     base = results["per-component reference"]
-    print(f"speed-up over the reference: batched {results['vectorised, batched'] / base:.1f}x, "
-          f"one map a call {results['vectorised, one map a call'] / base:.1f}x")
+    batched = results[f"vectorised, batches of {batch}"]
+    print(f"speed-up over the reference: batched {batched / base:.1f}x, "
+          f"one map a call {results['vectorised, one map a call'] / base:.1f}x\n")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--maps", type=int, default=4000, help="maps per measurement (default 4000)")
+    parser.add_argument("--batch", type=int, default=64, help="maps per batched call (default 64)")
+    parser.add_argument("--preset", default="official", choices=["official", "paper"])
+    args = parser.parse_args()
+    cv2.setNumThreads(1)
+    maps = cam_like_maps(args.maps)
+    measure("uniform 18x24", maps, [(500, 375)] * len(maps), args.batch, args.preset)
+    mixed, sizes = mixed_shape_maps(args.maps)
+    measure("mixed shapes", mixed, sizes, args.batch, args.preset)
 
 
 if __name__ == "__main__":

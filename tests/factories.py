@@ -34,6 +34,11 @@ def tiny_cam_net() -> TinyCamNet:
     return TinyCamNet()
 
 
+def fixed_tiny_resnet() -> ResNet:
+    """Like a model zoo's ImageNet builder: no num_classes argument, a fixed output count (10)."""
+    return tiny_resnet(num_classes=10)
+
+
 def plain_sequential() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())
 

@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from dap_ray.localisation.boxes import BoxConfig, cam_to_boxes, cam_to_boxes_batch
+from dap_ray.localisation.boxes import BoxConfig, _similar_shape_chunks, cam_to_boxes, cam_to_boxes_batch
 from dap_ray.localisation.boxes_reference import cam_to_boxes_reference
 
 PRESETS = ["official", "paper"]
@@ -300,3 +300,30 @@ def test_batch_equals_one_at_a_time(rng):
         b1, s1 = cam_to_boxes(cam, size)
         np.testing.assert_array_equal(b, b1)
         np.testing.assert_array_equal(s, s1)
+
+
+def padded_cells(shapes, chunks):
+    return sum(len(c) * max(shapes[i][0] for i in c) * max(shapes[i][1] for i in c) for c in chunks)
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        [],
+        [(18, 24)] * 40,
+        [(18, 24)] * 31 + [(18, 525)],  # one panorama among ImageNet-like maps
+        "mixed",  # web-crawled: sides of 48 to 1,400 px at short side 576, stride 32
+    ],
+    ids=["empty", "uniform", "one-panorama", "mixed"],
+)
+def test_batched_work_follows_the_cells_not_the_largest_map(rng, shapes):
+    """Regression: maps were padded to the batch's largest, so one panorama made every map cost as much."""
+    if shapes == "mixed":
+        sides = rng.integers(48, 1401, (500, 2))
+        shapes = [tuple(int(-(-576 * s // min(w, h) // 32)) for s in (h, w)) for w, h in sides]
+    chunks = _similar_shape_chunks(shapes)
+    assert sorted(i for c in chunks for i in c) == list(range(len(shapes)))
+    cells = sum(h * w for h, w in shapes)
+    assert padded_cells(shapes, chunks) <= 1.25 * cells
+    if shapes:
+        assert len(chunks) <= max(1, len(shapes) // 8)  # still batched: few calls per map

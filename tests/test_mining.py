@@ -12,10 +12,12 @@ from dap_ray.localisation.stages import (
     CamBoxStage,
     decode_and_resize,
     drop_retryable_errors,
+    plan_resume,
     read_done_ids,
+    read_progress,
     write_results,
 )
-from dap_ray.steps.mine import MineConfig, pool_problem, resolve_actor_pool
+from dap_ray.steps.mine import MineConfig, actor_pool_sizes, pool_problem, resolve_actor_pool
 from tests.helpers import BAD_ERRORS, bad_files, encode, photo
 
 SCALES = (32, 64)
@@ -103,6 +105,52 @@ def test_errors_that_may_pass_are_retried_on_a_rerun_and_lasting_ones_are_not(tm
     assert drop_retryable_errors(tmp_path) == 0
 
 
+def boxes_batch(ids, shard, total, errors=None):
+    n = len(ids)
+    return pa.table({"image_id": ids, "label": [0] * n, "width": [9] * n, "height": [9] * n, "boxes": [[]] * n,
+                     "scores": [[]] * n, "error": errors or [""] * n, "retry": [False] * n,
+                     "shard": [shard] * n, "shard_total": [total] * n})
+
+
+@pytest.mark.parametrize(
+    ("written", "complete", "skips"),
+    [
+        ([], set(), {"a#0-2/3": [], "a#2-3/3": [], "b#0-3/3": []}),  # nothing written: every shard, none skipped
+        ([(["a/1", "a/2"], "a#0-2/3", 2)], {"a#0-2/3"}, {"a#2-3/3": [], "b#0-3/3": []}),
+        ([(["b/x"], "b#0-3/3", 3), (["b/y"], "b#0-3/3", 3)], set(),
+         {"a#0-2/3": [], "a#2-3/3": [], "b#0-3/3": ["b/x", "b/y"]}),  # partly written: its files' ids are read
+        ([(["a/3"], "a#2-3/3", 1), (["b/x", "b/y", "b/z"], "b#0-3/3", 3)], {"a#2-3/3", "b#0-3/3"},
+         {"a#0-2/3": []}),  # complete shards' ids are never read
+    ],
+)
+def test_resume_plans_from_footers(tmp_path, written, complete, skips):
+    for ids, shard, total in written:
+        write_results(boxes_batch(ids, shard, total), str(tmp_path))
+    progress = read_progress(tmp_path)
+    assert progress.complete() == complete and not progress.legacy
+    shards = [{"shard_id": shard, "key": shard[0], "format": "folder"} for shard in ("a#0-2/3", "a#2-3/3", "b#0-3/3")]
+    remaining, _ = plan_resume(shards, progress, tmp_path)
+    assert {s["shard_id"]: s["skip"] for s in remaining} == skips
+
+
+def test_outputs_without_shard_records_are_resumed_by_their_ids(tmp_path):
+    write_results(boxes_batch(["a/1"], "a#0-2/2", 2).drop_columns(["shard", "shard_total"]), str(tmp_path))
+    progress = read_progress(tmp_path)
+    remaining, how = plan_resume([{"shard_id": "a#0-2/2", "key": "a", "format": "folder"}], progress, tmp_path)
+    assert len(progress.legacy) == 1 and remaining[0]["skip"] == ["a/1"] and "read all 1 ids" in how
+
+
+def test_error_files_keep_their_shard_record_when_retries_are_dropped(tmp_path):
+    batch = boxes_batch(["a/1", "a/2", "a/3"], "a#0-3/3", 3, errors=["", "I/O error", "corrupt"])
+    write_results(batch.set_column(7, "retry", pa.array([False, True, False])), str(tmp_path))
+    assert read_progress(tmp_path).complete() == {"a#0-3/3"}
+    assert drop_retryable_errors(tmp_path) == 1
+    progress = read_progress(tmp_path)
+    assert progress.rows == {"a#0-3/3": 2} and progress.totals == {"a#0-3/3": 3} and not progress.complete()
+    (errors,) = (tmp_path / "errors").glob("*.parquet")
+    assert pq.read_table(errors).column("shard").to_pylist() == ["a#0-3/3"]
+
+
 def test_exif_rotated_photos_are_mined_upright(rng, stage):
     """A phone photo stored sideways with EXIF orientation 6: sizes and boxes are the upright image's."""
     import io
@@ -141,7 +189,7 @@ def test_bad_mine_options_are_named(kwargs, message):
         (dict(actors=(1, 4)), 8, None, (1, 4), 1.75, 2),
         (dict(cpus_per_actor=1.0), 2, None, (1, 1), 1.0, 2),
         (dict(cpus_per_actor=2.0, torch_threads=3), 16, None, (2, 2), 2.0, 3),
-        (dict(num_gpus_per_actor=1.0), 16, None, (1, 1), 1.0, None),
+        (dict(num_gpus_per_actor=1.0), 16, None, None, 1.0, None),  # autoscales: actor_pool_sizes
         (dict(num_gpus_per_actor=0.5, actors=(2, 8), cpus_per_actor=4.0), 16, 1, (2, 8), 4.0, None),
     ],
 )
@@ -149,6 +197,18 @@ def test_actor_pool_defaults_leave_a_cpu_for_the_tasks(options, node_cpus, shard
     cfg = resolve_actor_pool(MineConfig(**options), node_cpus, shards)
     assert (cfg.actors, cfg.cpus_per_actor, cfg.torch_threads) == (actors, cpus, threads)
     assert pool_problem(cfg, node_cpus) is None
+
+
+@pytest.mark.parametrize(
+    ("options", "sizes"),
+    [
+        (dict(num_gpus_per_actor=1.0), (1, None)),  # from one actor up to every GPU the cluster has or can add
+        (dict(num_gpus_per_actor=1.0, actors=(2, 4)), (2, 4)),
+        (dict(), (2, 2)),  # CPU: a fixed pool
+    ],
+)
+def test_gpu_pools_autoscale_with_the_cluster(options, sizes):
+    assert actor_pool_sizes(resolve_actor_pool(MineConfig(**options), 16)) == sizes
 
 
 def test_a_pool_that_would_hold_every_cpu_is_named():

@@ -9,6 +9,7 @@ from dap_ray.models.classifiers import (
     ResNetCam,
     as_cam_model,
     load_classifier,
+    output_count,
 )
 from tests.factories import TinyCamNet, tiny_resnet
 
@@ -60,9 +61,30 @@ def test_bad_specs_are_clear_errors(spec, error, message):
         load_classifier(spec)
 
 
-def test_factory_without_num_classes_argument_is_named():
-    with pytest.raises(ValueError, match="takes no num_classes"):
-        load_classifier("tests.factories:tiny_cam_net", num_classes=5)
+@pytest.mark.parametrize(
+    ("spec", "num_classes", "outputs"),
+    [
+        ("tests.factories:tiny_cam_net", None, 3),  # called as it is
+        ("tests.factories:tiny_cam_net", 3, 3),  # asked for what it gives: fine without the argument
+        ("tests.factories:fixed_tiny_resnet", 10, 10),
+        ("tests.factories:tiny_resnet", 4, 4),  # takes num_classes: passed on
+    ],
+)
+def test_factories_without_num_classes_are_called_as_they_are(spec, num_classes, outputs):
+    model = load_classifier(spec, num_classes=num_classes)
+    assert output_count(model) == outputs
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("tests.factories:tiny_cam_net", "3 outputs but 5 classes.*takes no num_classes.*class map of 3"),
+        ("tests.factories:fixed_tiny_resnet", "10 outputs but 5 classes.*takes no num_classes.*class map of 10"),
+    ],
+)
+def test_a_fixed_output_count_that_differs_names_both_numbers(spec, message):
+    with pytest.raises(ValueError, match=message):
+        load_classifier(spec, num_classes=5)
 
 
 def test_missing_weights_file_is_named(tmp_path):

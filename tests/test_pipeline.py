@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from dap_ray.data.export import boxes_to_coco, read_boxes
-from dap_ray.localisation.stages import BOXES_SCHEMA, ERRORS_SCHEMA
+from dap_ray.localisation.stages import BOXES_SCHEMA, ERRORS_SCHEMA, read_progress
 from dap_ray.steps.mine import MineConfig, mine
 from tests.helpers import BAD_ERRORS
 
@@ -24,7 +24,7 @@ def config(dataset, output, **overrides):
     sample, weights = dataset
     values = dict(input=str(sample / "images"), class_map=str(sample / "classes.txt"), output=str(output),
                   classifier="tests.factories:tiny_resnet", weights=str(weights), num_classes=3, scales=(32, 64),
-                  batch_size=8, shard_size=8, gt_boxes=str(sample / "gt_boxes.json"))
+                  batch_size=8, shard_size=8, rows_per_file=8, gt_boxes=str(sample / "gt_boxes.json"))
     return MineConfig(**{**values, **overrides})
 
 
@@ -95,7 +95,7 @@ def test_rerun_after_lost_outputs_writes_exactly_what_was_missing(folder_run, da
     for path in parts[: len(parts) // 2]:  # as if the driver died before these were written
         path.unlink()
     pq.write_table(pa.table({"image_id": [blip], "label": [0], "error": ["cannot read file: I/O error"],
-                             "retry": [True]}, schema=ERRORS_SCHEMA), output / "errors" / "part-blip.parquet")
+                             "retry": [True], "shard": [""]}, schema=ERRORS_SCHEMA), output / "errors" / "part-blip.parquet")
     sample, _ = dataset
     monkeypatch.chdir(sample)  # relative paths on the command line are stored absolute
     summary = mine(config(dataset, output, class_map="classes.txt", gt_boxes="gt_boxes.json"))
@@ -109,6 +109,24 @@ def test_rerun_after_lost_outputs_writes_exactly_what_was_missing(folder_run, da
         np.testing.assert_allclose(got[image_id]["boxes"], row["boxes"], atol=1e-3)
     again = mine(config(dataset, output))  # nothing left to do
     assert again["this_run"]["images"] == 0 and again["images"] == 36
+
+
+def test_a_rerun_plans_from_file_footers_and_reads_only_partly_written_shards(folder_run, dataset, tmp_path,
+                                                                             capsys):
+    full_output, _ = folder_run
+    output = tmp_path / "partial"
+    shutil.copytree(full_output, output)
+    (output / "boxes" / sorted(p.name for p in (output / "boxes").glob("*.parquet"))[-1]).unlink()
+    progress = read_progress(output)
+    assert not progress.legacy and 0 < len(progress.complete()) < len(progress.rows)
+    summary = mine(config(dataset, output, gt_boxes=None))
+    assert "shard(s) complete by their files' records" in capsys.readouterr().out
+    assert 0 < summary["this_run"]["images"] <= 8 and summary["images"] == 36 and summary["errors"] == 4
+    assert sorted(rows_by_id(output)) == sorted(rows_by_id(full_output))
+    files = sorted((output / "boxes").glob("*.parquet")) + sorted((output / "errors").glob("*.parquet"))
+    ids = [i for f in files for i in pq.read_table(f, columns=["image_id"]).column(0).to_pylist()]
+    assert len(ids) == len(set(ids)) == 40
+    assert read_progress(output).complete() == set(read_progress(output).rows)
 
 
 def test_tar_and_parquet_inputs_give_the_folder_boxes(folder_run, dataset, tmp_path):
@@ -126,15 +144,26 @@ def test_tar_and_parquet_inputs_give_the_folder_boxes(folder_run, dataset, tmp_p
                     info = tarfile.TarInfo(("./" if name == "square" else "") + image_id.split("/")[1])
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
-    table = pa.table({"image": [(sample / "images" / i).read_bytes() for i in good],
-                      "label": [i.split("/")[0] for i in good]})
+    outside = (sample / "images" / good[0]).read_bytes()  # images of a class the class map lacks
+    with tarfile.open(tmp_path / "tars" / "zebra.tar", "w") as tar:
+        for member in ("zebra_1.jpg", "zebra_2.jpg"):
+            info = tarfile.TarInfo(member)
+            info.size = len(outside)
+            tar.addfile(info, io.BytesIO(outside))
+    table = pa.table({"image": [(sample / "images" / i).read_bytes() for i in good] + [outside, outside],
+                      "label": [i.split("/")[0] for i in good] + ["zebra", "7"]})
     (tmp_path / "pq").mkdir()
     pq.write_table(table, tmp_path / "pq" / "part-0.parquet")
-    tar_rows = rows_by_id(mine(config(dataset, tmp_path / "out_tar", input=str(tmp_path / "tars"), format="tar",
+    tar_out, pq_out = tmp_path / "out_tar", tmp_path / "out_pq"
+    tar_rows = rows_by_id(mine(config(dataset, tar_out, input=str(tmp_path / "tars"), format="tar",
                                       gt_boxes=None))["config"]["output"])
-    pq_rows = rows_by_id(mine(config(dataset, tmp_path / "out_pq", input=str(tmp_path / "pq"), format="parquet",
+    pq_rows = rows_by_id(mine(config(dataset, pq_out, input=str(tmp_path / "pq"), format="parquet",
                                      gt_boxes=None))["config"]["output"])
     assert len(tar_rows) == len(pq_rows) == len(good)
+    # images + errors = every image in the input, the unknown classes named in their rows
+    assert errors_by_id(tar_out) == {f"zebra.tar::zebra_{i}.jpg": "unknown class 'zebra'" for i in (1, 2)}
+    assert errors_by_id(pq_out) == {f"part-0.parquet::{len(good)}": "unknown class 'zebra'",
+                                    f"part-0.parquet::{len(good) + 1}": "label 7 is outside the class map's 3 classes"}
     for k, image_id in enumerate(good):
         name = image_id.split("/")
         member = ("./" if name[0] == "square" else "") + name[1]

@@ -26,9 +26,47 @@ def test_folder_shards_chunk_the_listing_and_skip_done_images(tmp_path, rng):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.png").write_bytes(encode(photo(rng, 8, 8)))
     shards, classes, _ = list_shards(tmp_path, "folder", shard_size=2, skip=frozenset({"b/1.png"}))
-    assert classes == ["a", "b"] and len(shards) == 3
-    got = [(r["image_id"], r["label"]) for r in records(shards)]
-    assert got == [("a/x.png", 0), ("b/0.png", 1), ("b/2.png", 1), ("b/3.png", 1), ("b/4.png", 1)]
+    assert classes == ["a", "b"]
+    assert [s["shard_id"] for s in shards] == ["a#0-1/1", "b#0-2/5", "b#2-4/5", "b#4-5/5"]  # ranges of each folder
+    assert all("members" not in s for s in shards)  # the driver holds no list of images
+    got = [(r["image_id"], r["label"], r["shard"], r["shard_total"]) for r in records(shards)]
+    assert got == [("a/x.png", 0, "a#0-1/1", 1), ("b/0.png", 1, "b#0-2/5", 2), ("b/2.png", 1, "b#2-4/5", 2),
+                   ("b/3.png", 1, "b#2-4/5", 2), ("b/4.png", 1, "b#4-5/5", 1)]
+
+
+def test_folders_are_counted_by_the_map_given(tmp_path, rng):
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "1.png").write_bytes(encode(photo(rng, 8, 8)))
+    listed = []
+
+    def parallel_map(fn, folders):  # as the mining step's Ray tasks: one call per class folder
+        listed.extend(folders)
+        return [fn(f) for f in folders]
+
+    shards, _, _ = list_shards(tmp_path, "folder", map_fn=parallel_map)
+    assert listed == ["a", "b", "c"] and len(shards) == 3
+
+
+def test_a_folder_that_changes_while_mined_is_named(tmp_path, rng):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "1.png").write_bytes(encode(photo(rng, 8, 8)))
+    shards, _, _ = list_shards(tmp_path, "folder")
+    (tmp_path / "a" / "2.png").write_bytes(encode(photo(rng, 8, 8)))
+    with pytest.raises(RuntimeError, match="holds 2 images where 1 were listed"):
+        records(shards)
+
+
+def test_tar_and_parquet_records_count_their_shard_whole(tmp_path, rng):
+    image = encode(photo(rng, 8, 8))
+    with tarfile.open(tmp_path / "n01.tar", "w") as tar:
+        for i in range(3):
+            add(tar, f"n01_{i}.png", image)
+    pq.write_table(pa.table({"image": [image] * 4, "label": [0] * 4}), tmp_path / "p.parquet")
+    for fmt, name, total in (("tar", "n01.tar", 3), ("parquet", "p.parquet", 4)):
+        shards, _, _ = list_shards(tmp_path, fmt, skip={f"{name}::" + ("n01_0.png" if fmt == "tar" else "0")})
+        got = records(shards)
+        assert len(got) == total - 1 and {(r["shard"], r["shard_total"]) for r in got} == {(name, total)}
 
 
 def test_tar_labels_from_synset_tars_folders_and_cls_members(tmp_path, rng):
@@ -193,3 +231,56 @@ def test_odd_webdataset_labels_are_errors_not_crashes(tmp_path, rng, cls):
         add(tar, "k.cls", cls)
     (got,) = records(list_shards(tmp_path, "tar")[0])
     assert got["label"] == -1 and "unknown class" in got["error"]
+
+
+@pytest.mark.parametrize("fmt", ["folder", "tar", "parquet"])
+def test_images_plus_errors_is_every_image_in_the_input(tmp_path, rng, fmt):
+    """Images of a class outside the class map are error records naming it, never dropped."""
+    image = encode(photo(rng, 8, 8))
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    names = {"a": ["1.jpg", "2.jpg"], "zz": ["3.jpg", "sub/4.jpg"], "b": ["5.jpg"]}
+    count = sum(len(v) for v in names.values())
+    if fmt == "folder":
+        for folder, files in names.items():
+            for name in files:
+                (inputs / folder / name).parent.mkdir(parents=True, exist_ok=True)
+                (inputs / folder / name).write_bytes(image)
+    elif fmt == "tar":
+        for folder, files in names.items():
+            with tarfile.open(inputs / f"{folder}.tar", "w") as tar:
+                for i, _ in enumerate(files):
+                    add(tar, f"{folder}_{i}.JPEG", image)  # ImageNet-21K: synset tars of SYNSET_N.JPEG
+    else:
+        labels = [folder for folder, files in names.items() for _ in files]
+        pq.write_table(pa.table({"image": [image] * count, "label": labels[:-1] + ["9"]}), inputs / "p.parquet")
+    (tmp_path / "classes.txt").write_text("a\nb\n")
+    shards, _, _ = list_shards(inputs, fmt, tmp_path / "classes.txt", shard_size=2)
+    got = records(shards)
+    assert len(got) == len({r["image_id"] for r in got}) == count
+    errors = sorted(r["error"] for r in got if r["error"])
+    if fmt == "folder":
+        assert errors == ["unknown class 'zz': its folder is not in the class map"] * 2
+    elif fmt == "tar":
+        assert errors == ["unknown class 'zz'"] * 2
+    else:
+        assert errors == ["label 9 is outside the class map's 2 classes"] + ["unknown class 'zz'"] * 2
+    assert all(r["label"] == -1 for r in got if r["error"]) and all(r["label"] >= 0 for r in got if not r["error"])
+
+
+@pytest.mark.parametrize(
+    ("label", "class_map", "expected"),
+    [
+        (1, True, (1, "")),
+        (-2, True, (-1, "label -2 is negative")),
+        (-2, False, (-1, "label -2 is negative")),
+        (5, True, (-1, "label 5 is outside the class map's 2 classes")),
+        (5, False, (5, "")),  # without a class map the classifier's own class count decides, later
+    ],
+)
+def test_parquet_integer_labels_are_checked_against_the_class_map(tmp_path, rng, label, class_map, expected):
+    pq.write_table(pa.table({"image": [encode(photo(rng, 8, 8))], "label": [label]}), tmp_path / "p.parquet")
+    (tmp_path / "classes.txt").write_text("a\nb\n")
+    shards, _, _ = list_shards(tmp_path / "p.parquet", "parquet", tmp_path / "classes.txt" if class_map else None)
+    (got,) = records(shards)
+    assert (got["label"], got["error"]) == expected

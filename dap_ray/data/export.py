@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-__all__ = ["boxes_to_coco", "contact_sheet", "read_boxes", "read_run_config", "sample_images"]
+__all__ = ["boxes_to_coco", "contact_sheet", "count_boxes", "read_boxes", "read_boxes_of", "read_run_config",
+           "sample_images"]
 
 
 def read_run_config(boxes_dir: str | Path) -> dict:
@@ -25,28 +26,18 @@ def read_run_config(boxes_dir: str | Path) -> dict:
 
 
 def sample_images(config: dict, image_ids: set[str]) -> dict[str, np.ndarray]:
-    """Decoded images of ``image_ids`` from the input a mining run's ``config.yaml`` names."""
+    """Decoded images of ``image_ids`` from the input a mining run's ``config.yaml`` names
+    (those that cannot be read or decoded are left out)."""
     from dap_ray.data.images import BadImageError, decode_image
-    from dap_ray.data.sources import list_shards, read_shard
+    from dap_ray.data.sources import ImageReader
 
-    shards, _, _ = list_shards(config["input"], config["format"], config.get("class_map"),
-                               image_column=config.get("image_column", "image"),
-                               label_column=config.get("label_column", "label"))
+    reader = ImageReader(config["input"], config["format"], image_column=config.get("image_column", "image"))
     found: dict[str, np.ndarray] = {}
-    for shard in shards:
-        if shard["format"] == "folder":
-            keep = [i for i, m in enumerate(shard["members"]) if m in image_ids]
-            if not keep:
-                continue
-            shard = {**shard, "members": [shard["members"][i] for i in keep], "labels": [shard["labels"][i] for i in keep]}
-        for record in read_shard(shard):
-            if record["image_id"] in image_ids and not record["error"]:
-                try:
-                    found[record["image_id"]] = decode_image(record["data"])
-                except BadImageError:
-                    continue
-            if len(found) == len(image_ids):
-                return found
+    for image_id in sorted(image_ids):
+        try:
+            found[image_id] = decode_image(reader.read(image_id))
+        except (KeyError, OSError, BadImageError):
+            continue
     return found
 
 
@@ -60,6 +51,38 @@ def read_boxes(boxes_dir: str | Path) -> list[dict]:
         row["boxes"] = np.asarray(row["boxes"], np.float32).reshape(-1, 4)
         row["scores"] = np.asarray(row["scores"], np.float32)
     return sorted(rows, key=lambda r: r["image_id"])
+
+
+def count_boxes(boxes_dir: str | Path) -> tuple[int, int]:
+    """(images, boxes) in ``boxes_dir/part-*.parquet``: Arrow column aggregates, file by file and
+    batch by batch, so memory stays flat however many images (no Python object per row)."""
+    import pyarrow.compute as pc
+
+    images = boxes = 0
+    for path in sorted(Path(boxes_dir).glob("part-*.parquet")):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=65536, columns=["scores"]):
+            images += batch.num_rows
+            boxes += pc.sum(pc.list_value_length(batch.column(0))).as_py() or 0
+    return images, boxes
+
+
+def read_boxes_of(boxes_dir: str | Path, image_ids) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{image_id: (boxes float32 (N, 4) xyxy pixels, scores float32 (N,))}`` for the rows of
+    ``boxes_dir/part-*.parquet`` whose id is in ``image_ids`` (say the few with true boxes):
+    filtered in Arrow, file by file, so only those rows become Python objects."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    wanted = pa.array(sorted(set(image_ids)), pa.string())
+    found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for path in sorted(Path(boxes_dir).glob("part-*.parquet")):
+        parquet = pq.ParquetFile(path)
+        for batch in parquet.iter_batches(batch_size=65536, columns=["image_id", "boxes", "scores"]):
+            rows = pa.Table.from_batches([batch]).filter(pc.is_in(batch.column(0), value_set=wanted))
+            for row in rows.to_pylist():
+                found[row["image_id"]] = (np.asarray(row["boxes"], np.float32).reshape(-1, 4),
+                                          np.asarray(row["scores"], np.float32))
+    return found
 
 
 def boxes_to_coco(boxes_dir: str | Path, output: str | Path, classes: list[str] | None = None) -> dict:

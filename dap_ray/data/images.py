@@ -19,7 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "IMAGE_EXTENSIONS", "MAX_IMAGE_PIXELS", "BadImageError", "FolderListing",
-    "classifier_classes", "decode_image", "first_class_difference", "list_image_folder", "read_class_map",
+    "class_folder_files", "classifier_classes", "decode_image", "first_class_difference", "list_image_folder", "read_class_map",
 ]
 
 log = logging.getLogger(__name__)
@@ -139,8 +139,9 @@ class FolderListing:
 
     ``items``: (path relative to the root, label) pairs, sorted by path. ``classes``: line
     i is label i. ``unknown_folders``: folders not in the class map (not listed in
-    ``items``). ``skipped_files``: files that are not images by extension, or lie
-    outside any class folder.
+    ``items``); ``unknown_items``: the image paths inside them, sorted, so that mining can
+    report each as an error. ``skipped_files``: files that are not images by extension,
+    or lie outside any class folder.
     """
 
     root: Path
@@ -148,17 +149,33 @@ class FolderListing:
     classes: list[str]
     unknown_folders: list[str] = field(default_factory=list)
     skipped_files: list[str] = field(default_factory=list)
+    unknown_items: list[str] = field(default_factory=list)
 
     def problems(self) -> list[str]:
         """Human-readable lines for what was not listed."""
         lines = []
         if self.unknown_folders:
-            lines.append(f"{len(self.unknown_folders)} folder(s) not in the class map were skipped: "
-                         + ", ".join(self.unknown_folders[:10]))
+            lines.append(f"{len(self.unknown_folders)} folder(s) not in the class map "
+                         f"({len(self.unknown_items)} images): " + ", ".join(self.unknown_folders[:10]))
         if self.skipped_files:
             lines.append(f"{len(self.skipped_files)} non-image or unfiled file(s) were skipped: "
                          + ", ".join(self.skipped_files[:10]))
         return lines
+
+
+def class_folder_files(root: str | Path, name: str) -> tuple[list[str], list[str]]:
+    """(images, other files) under ``root/name``, as sorted paths relative to ``root`` with ``/``.
+
+    The one listing of a class folder: mining lists each in its own task and reads a range
+    of it later, so both must see the same order (sorted names, sub-folders walked sorted).
+    """
+    images, others = [], []
+    for dirpath, dirnames, filenames in os.walk(Path(root) / name):
+        dirnames.sort()
+        for filename in sorted(filenames):
+            relative = os.path.relpath(os.path.join(dirpath, filename), root).replace(os.sep, "/")
+            (images if os.path.splitext(filename)[1].lower() in IMAGE_EXTENSIONS else others).append(relative)
+    return images, others
 
 
 def list_image_folder(root: str | Path, class_map: str | Path | None = None) -> FolderListing:
@@ -177,19 +194,15 @@ def list_image_folder(root: str | Path, class_map: str | Path | None = None) -> 
         raise ValueError(f"{root} has no class folders")
     index = {name: i for i, name in enumerate(classes)}
     unknown = [name for name in folders if name not in index]
-    items = []
+    items, unknown_items = [], []
     for name in folders:
-        if name not in index:
-            continue
-        for dirpath, dirnames, filenames in os.walk(root / name):
-            dirnames.sort()
-            for filename in sorted(filenames):
-                relative = os.path.relpath(os.path.join(dirpath, filename), root).replace(os.sep, "/")
-                if os.path.splitext(filename)[1].lower() in IMAGE_EXTENSIONS:
-                    items.append((relative, index[name]))
-                else:
-                    skipped.append(relative)
-    listing = FolderListing(root, items, list(classes), unknown, skipped)
+        images, others = class_folder_files(root, name)
+        skipped.extend(others)
+        if name in index:
+            items.extend((relative, index[name]) for relative in images)
+        else:
+            unknown_items.extend(images)
+    listing = FolderListing(root, items, list(classes), unknown, skipped, unknown_items)
     for line in listing.problems():
         log.warning("%s: %s", root, line)
     if not items:

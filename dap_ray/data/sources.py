@@ -1,12 +1,16 @@
 """Where images come from: the three ways ImageNet-scale data is stored, cut into shards.
 
-A shard is a plain dict that one Ray Data task reads: a chunk of a folder tree's file list,
-one tar file, or one Parquet file. Listing shards never lists the images inside tars or
-Parquet files (14M files are not listed one by one); reading a shard yields one record per
+A shard is a plain dict that one Ray Data task reads: a range of one class folder's sorted
+listing, one tar file, or one Parquet file. Listing shards never lists the images inside
+tars or Parquet files, and class folders are counted (in parallel when given a parallel
+map), so the driver holds shards, not 14M paths; reading a shard yields one record per
 image: ``image_id`` (unique, stable across runs), ``label`` (int, -1 when unknown),
 ``data`` (encoded bytes), ``error`` (a reason, or "") and ``retry`` (True when the error may
 be passing, a read that failed on an I/O error or a file not (yet) there: a rerun tries
-such images again, and never again those with a lasting fault such as a corrupt file).
+such images again, and never again those with a lasting fault such as a corrupt file),
+``shard`` and ``shard_total`` (the shard's id and record count, for resuming by shard).
+Images of a class outside the class map are error records naming the class: the records
+are always every image in the input.
 
 Image ids are text that survives Parquet (UTF-8) whatever the file names' bytes: a name's
 bytes that are not UTF-8, and every ``%``, are written as ``%XX`` (:func:`path_to_id`;
@@ -17,13 +21,14 @@ No Ray here: :mod:`dap_ray.steps.mine` runs :func:`read_shard` in Ray Data tasks
 
 from __future__ import annotations
 
+import functools
 import os
 import tarfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 from urllib.parse import unquote_to_bytes
 
-from dap_ray.data.images import IMAGE_EXTENSIONS, list_image_folder, read_class_map
+from dap_ray.data.images import IMAGE_EXTENSIONS, class_folder_files, read_class_map
 
 __all__ = ["FORMATS", "ImageReader", "id_to_path", "list_shards", "path_to_id", "read_shard", "shard_key"]
 
@@ -61,9 +66,10 @@ def id_to_path(image_id: str) -> str:
     return unquote_to_bytes(image_id).decode("utf-8", "surrogateescape")
 
 
-def shard_key(image_id: str) -> str:
-    """The shard an image id belongs to, for tar and Parquet inputs (the file it came from)."""
-    return image_id.split("::", 1)[0]
+def shard_key(image_id: str, fmt: str = "tar") -> str:
+    """What ties an image id to its shards: the tar or Parquet file it came from, or for a folder
+    input its class folder (each of whose shards is a range of that folder's listing)."""
+    return image_id.split("/", 1)[0] if fmt == "folder" else image_id.split("::", 1)[0]
 
 
 def list_shards(
@@ -71,30 +77,32 @@ def list_shards(
     fmt: str,
     class_map: str | Path | None = None,
     shard_size: int = 256,
-    skip: frozenset[str] = frozenset(),
+    skip: Iterable[str] = (),
     image_column: str = "image",
     label_column: str = "label",
+    map_fn: Callable = map,
 ) -> tuple[list[dict], list[str], list[str]]:
     """Shards of ``input_path`` as dicts, the class names (may be empty), and problems to report.
 
-    ``skip``: image ids already mined; folder shards leave them out, tar and Parquet shards
-    carry theirs for :func:`read_shard` to pass over.
+    A shard's ``shard_id`` is stable across runs of the same input: a tar or Parquet file's
+    name, or ``FOLDER#START-STOP/COUNT`` for a range of a class folder's sorted listing; its
+    ``key`` is what :func:`shard_key` gives for its images' ids. The
+    driver holds shards, never a list of images: class folders are listed by ``map_fn``
+    (``map``, or a parallel map such as Ray tasks; it gets a function of one folder name)
+    into counts, and each folder shard lists its folder again when read.
+
+    ``skip``: image ids already mined, handed to the shards they belong to (by
+    :func:`shard_key`), which pass over them when read.
     """
     root = Path(input_path).resolve()
     if fmt not in FORMATS:
         raise ValueError(f"unknown input format {fmt!r}: expected one of {FORMATS}")
+    by_key: dict[str, list[str]] = {}
+    for image_id in skip:
+        by_key.setdefault(shard_key(image_id, fmt), []).append(image_id)
+    common = {"format": fmt, "image_column": image_column, "label_column": label_column}
     if fmt == "folder":
-        listing = list_image_folder(root, class_map)
-        # Shards carry ids (text that any serialiser takes), not names with undecodable bytes.
-        items = [(image_id, label) for image_id, label in ((path_to_id(p), l) for p, l in listing.items)
-                 if image_id not in skip]
-        shards = [
-            {"shard_id": f"folder-{i // shard_size:07d}", "format": fmt, "path": str(root),
-             "members": [p for p, _ in items[i : i + shard_size]], "labels": [l for _, l in items[i : i + shard_size]],
-             "skip": [], "image_column": image_column, "label_column": label_column, "classes": listing.classes}
-            for i in range(0, len(items), shard_size)
-        ]
-        return shards, listing.classes, listing.problems()
+        return _folder_shards(root, class_map, shard_size, by_key, map_fn, common)
 
     suffix = ".tar" if fmt == "tar" else ".parquet"
     if root.is_file():
@@ -108,40 +116,106 @@ def list_shards(
     if not files:
         raise ValueError(f"no {suffix} files under {root}")
     classes = read_class_map(class_map) if class_map is not None else []
-    by_shard: dict[str, list[str]] = {}
-    for image_id in skip:
-        by_shard.setdefault(shard_key(image_id), []).append(image_id)
     shards = []
-    for i, path in enumerate(files):
+    for path in files:
         name = path_to_id(path.relative_to(base).as_posix())
-        shards.append({"shard_id": f"{fmt}-{i:07d}", "format": fmt, "path": str(path), "name": name,
-                       "members": [], "labels": [], "skip": sorted(by_shard.get(name, [])),
-                       "image_column": image_column, "label_column": label_column, "classes": classes})
+        shards.append({**common, "shard_id": name, "key": name, "path": str(path), "name": name,
+                       "skip": sorted(by_key.get(name, [])), "classes": classes})
     return shards, classes, []
 
 
+def _folder_shards(root: Path, class_map, shard_size: int, by_key: dict, map_fn: Callable,
+                   common: dict) -> tuple[list[dict], list[str], list[str]]:
+    if not root.is_dir():
+        raise ValueError(f"image folder not found: {root}")
+    folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    stray = sorted(entry.name for entry in os.scandir(root) if entry.is_file())
+    classes = read_class_map(class_map) if class_map is not None else folders
+    if not classes:
+        raise ValueError(f"{root} has no class folders")
+    index = {name: i for i, name in enumerate(classes)}
+    shards, unknown, others, unknown_images = [], [], list(stray), 0
+    for name, (count, other_count, other_examples) in zip(folders, map_fn(functools.partial(_count_folder, str(root)),
+                                                                          folders)):
+        folder_id = path_to_id(name)
+        label = index.get(name, -1)
+        if label < 0:
+            unknown.append(name)
+            unknown_images += count
+        others.extend(other_examples[: max(0, 10 - len(others))])
+        for start in range(0, count, shard_size):
+            stop = min(count, start + shard_size)
+            shards.append({**common, "shard_id": f"{folder_id}#{start}-{stop}/{count}", "key": folder_id,
+                           "path": str(root),
+                           "folder": name, "start": start, "stop": stop, "count": count, "label": label,
+                           "skip": sorted(by_key.get(folder_id, []))})
+    problems = []
+    if unknown:
+        problems.append(f"{len(unknown)} folder(s) not in the class map ({unknown_images} images, each recorded as "
+                        "an error): " + ", ".join(unknown[:10]))
+    if others:
+        problems.append("non-image or unfiled file(s) were skipped, such as: " + ", ".join(others[:10]))
+    if not shards:
+        raise ValueError(f"no images found under {root} for the {len(classes)} classes")
+    return shards, list(classes), problems
+
+
+def _count_folder(root: str, name: str) -> tuple[int, int, list[str]]:
+    """(images, other files, up to 10 of the other files) of one class folder."""
+    images, others = class_folder_files(root, name)
+    return len(images), len(others), others[:10]
+
+
 def read_shard(shard: dict) -> Iterator[dict]:
-    """Records of one shard's images (see the module docstring); bad entries carry an error."""
+    """Records of one shard's images (see the module docstring); bad entries carry an error.
+
+    Each record also names its ``shard`` and the number of records the whole shard holds
+    (``shard_total``, counting those skipped), so that the writer can record which shards
+    are complete and a rerun can plan from that alone.
+    """
     fmt = shard["format"]
     skip = set(shard.get("skip") or ())
     if fmt == "folder":
-        root = Path(shard["path"])
-        for image_id, label in zip(shard["members"], shard["labels"]):
-            try:
-                data = (root / id_to_path(image_id)).read_bytes()
-                yield _record(image_id, label, data)
-            except OSError as exc:
-                yield _record(image_id, label, b"", f"cannot read file: {exc.strerror or exc}", retry=True)
-        return
-    index = {name: i for i, name in enumerate(shard.get("classes") or [])}
-    if fmt == "tar":
-        yield from _read_tar(shard, index, skip)
+        records = _read_folder(shard, skip)
     else:
-        yield from _read_parquet(shard, index, skip)
+        index = {name: i for i, name in enumerate(shard.get("classes") or [])}
+        records = _read_tar(shard, index, skip) if fmt == "tar" else _read_parquet(shard, index, skip)
+    shard_id, total = shard["shard_id"], None
+    for record in records:
+        if total is None:
+            total = record.pop("total")
+        else:
+            record.pop("total", None)
+        yield {**record, "shard": shard_id, "shard_total": total}
 
 
-def _record(image_id: str, label: int, data: bytes, error: str = "", retry: bool = False) -> dict:
-    return {"image_id": image_id, "label": int(label), "data": data, "error": error, "retry": bool(retry and error)}
+def _read_folder(shard: dict, skip: set[str]) -> Iterator[dict]:
+    root, start, stop = Path(shard["path"]), shard["start"], shard["stop"]
+    images, _ = class_folder_files(root, shard["folder"])
+    if len(images) != shard["count"]:  # the folder changed since it was listed: its ranges no longer hold
+        raise RuntimeError(f"{root / shard['folder']} holds {len(images)} images where {shard['count']} were listed: "
+                           "the input must not change while it is mined")
+    label, total = shard["label"], stop - start
+    for path in images[start:stop]:
+        image_id = path_to_id(path)
+        if image_id in skip:
+            continue
+        if label < 0:
+            folder = image_id.split("/")[0]  # the id's escaped form: any text writer takes it
+            yield _record(image_id, label, b"", f"unknown class {folder!r}: its folder is not in the class map",
+                          total=total)
+            continue
+        try:
+            data = (root / path).read_bytes()
+            yield _record(image_id, label, data, total=total)
+        except OSError as exc:
+            yield _record(image_id, label, b"", f"cannot read file: {exc.strerror or exc}", retry=True, total=total)
+
+
+def _record(image_id: str, label: int, data: bytes, error: str = "", retry: bool = False, total: int = 0) -> dict:
+    """One record; ``total``, the shard's record count, is read from the shard's first record only."""
+    return {"image_id": image_id, "label": int(label), "data": data, "error": error, "retry": bool(retry and error),
+            "total": total}
 
 
 def _label_from_name(text: str, index: dict[str, int]) -> tuple[int, str]:
@@ -166,15 +240,16 @@ def _read_tar(shard: dict, index: dict[str, int], skip: set[str]) -> Iterator[di
         tar = tarfile.open(shard["path"])
     except OSError as exc:
         if not recorded:
-            yield _record(f"{name}::", -1, b"", f"cannot open tar: {exc}", retry=True)
+            yield _record(f"{name}::", -1, b"", f"cannot open tar: {exc}", retry=True, total=1)
         return
     except tarfile.TarError as exc:
         if not recorded:
-            yield _record(f"{name}::", -1, b"", f"cannot open tar: {exc}")
+            yield _record(f"{name}::", -1, b"", f"cannot open tar: {exc}", total=1)
         return
     with tar:
         images: list[tarfile.TarInfo] = []
         classes: dict[str, str] = {}
+        fault = None
         try:
             for info in tar:
                 if not info.isfile():
@@ -185,9 +260,11 @@ def _read_tar(shard: dict, index: dict[str, int], skip: set[str]) -> Iterator[di
                 elif ext.lower() in IMAGE_EXTENSIONS:
                     images.append(info)
         except (OSError, tarfile.TarError) as exc:
-            if not recorded:  # the images read before the fault still follow, those not done
-                yield _record(f"{name}::", -1, b"", f"corrupt tar after {len(images)} images: {exc}",
-                              retry=isinstance(exc, OSError) and not isinstance(exc, tarfile.TarError))
+            fault = exc
+        total = len(images) + (fault is not None)
+        if fault is not None and not recorded:  # the images read before the fault still follow, those not done
+            yield _record(f"{name}::", -1, b"", f"corrupt tar after {len(images)} images: {fault}",
+                          retry=isinstance(fault, OSError) and not isinstance(fault, tarfile.TarError), total=total)
         tar_class = Path(id_to_path(name)).stem
         for info in images:
             image_id = f"{name}::{path_to_id(info.name)}"
@@ -212,7 +289,7 @@ def _read_tar(shard: dict, index: dict[str, int], skip: set[str]) -> Iterator[di
             except (OSError, tarfile.TarError) as exc:
                 data, error = b"", f"cannot read tar member: {exc}"
                 retry = not isinstance(exc, tarfile.TarError)
-            yield _record(image_id, label, data, error, retry=retry)
+            yield _record(image_id, label, data, error, retry=retry, total=total)
 
 
 def _read_parquet(shard: dict, index: dict[str, int], skip: set[str]) -> Iterator[dict]:
@@ -227,18 +304,19 @@ def _read_parquet(shard: dict, index: dict[str, int], skip: set[str]) -> Iterato
         parquet = pq.ParquetFile(path)
     except OSError as exc:
         if not recorded:
-            yield _record(f"{name}::", -1, b"", f"cannot open parquet: {exc}", retry=True)
+            yield _record(f"{name}::", -1, b"", f"cannot open parquet: {exc}", retry=True, total=1)
         return
     except Exception as exc:  # pyarrow raises several types for a bad file
         if not recorded:
-            yield _record(f"{name}::", -1, b"", f"cannot open parquet: {exc}")
+            yield _record(f"{name}::", -1, b"", f"cannot open parquet: {exc}", total=1)
         return
     missing = [c for c in (image_column, label_column) if c not in parquet.schema_arrow.names]
     if missing:
         if not recorded:
-            yield _record(f"{name}::", -1, b"", f"missing column(s) {missing}; has {parquet.schema_arrow.names}")
+            yield _record(f"{name}::", -1, b"", f"missing column(s) {missing}; has {parquet.schema_arrow.names}",
+                          total=1)
         return
-    row = 0
+    row, total = 0, parquet.metadata.num_rows
     for batch in parquet.iter_batches(batch_size=256, columns=[image_column, label_column]):
         for value, label_value in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
             image_id = f"{name}::{path_to_id(value)}" if isinstance(value, str) else f"{name}::{row}"
@@ -251,6 +329,10 @@ def _read_parquet(shard: dict, index: dict[str, int], skip: set[str]) -> Iterato
                 label, error = -1, "missing label"
             else:
                 label, error = int(label_value), ""
+                if label < 0:
+                    label, error = -1, f"label {label_value} is negative"
+                elif index and label >= len(index):
+                    label, error = -1, f"label {label_value} is outside the class map's {len(index)} classes"
             retry = False
             if isinstance(value, (bytes, bytearray)):
                 data = bytes(value)
@@ -261,7 +343,7 @@ def _read_parquet(shard: dict, index: dict[str, int], skip: set[str]) -> Iterato
                     data, error, retry = b"", f"cannot read file: {exc.strerror or exc}", True
             else:
                 data, error = b"", "image column holds neither bytes nor a path"
-            yield _record(image_id, label, data, error, retry=retry)
+            yield _record(image_id, label, data, error, retry=retry, total=total)
 
 
 class ImageReader:

@@ -47,8 +47,13 @@ PRESETS: dict[str, dict[str, object]] = {
     ),
 }
 
-# Maps per internal chunk: bounds the per-component weight arrays' memory.
+# Maps processed together are padded to the largest shape among them, so a chunk holds maps
+# of similar shapes: at most _CHUNK_MAPS maps (bounds the per-component weight arrays'
+# memory) and _CHUNK_CELLS padded cells, with padding adding at most _CHUNK_PADDING - 1 of
+# the chunk's own cells. One panorama in a batch then costs its own cells, not every map's.
 _CHUNK_MAPS = 1024
+_CHUNK_CELLS = _CHUNK_MAPS * 18 * 24
+_CHUNK_PADDING = 1.25
 
 
 @dataclass(frozen=True)
@@ -189,11 +194,34 @@ def cam_to_boxes_batch(
         raise ValueError(f"got {len(cams)} cams but {len(image_sizes)} image sizes")
     maps = [_as_map(cam, f"cams[{i}]") for i, cam in enumerate(cams)]
     sizes = _as_sizes(image_sizes, "image_sizes")
-    out: list[tuple[np.ndarray, np.ndarray]] = []
-    for start in range(0, len(maps), _CHUNK_MAPS):
-        stop = start + _CHUNK_MAPS
-        out.extend(_boxes_for_maps(maps[start:stop], sizes[start:stop], config))
+    out: list[tuple[np.ndarray, np.ndarray]] = [empty_boxes()] * len(maps)
+    for chunk in _similar_shape_chunks([m.shape for m in maps]):
+        for i, result in zip(chunk, _boxes_for_maps([maps[i] for i in chunk], sizes[chunk], config)):
+            out[i] = result
     return out
+
+
+def _similar_shape_chunks(shapes: Sequence[tuple[int, int]]) -> list[list[int]]:
+    """Indices of maps to process together, grouped by shape (see ``_CHUNK_PADDING``)."""
+    if not shapes:
+        return []
+    heights, widths = np.asarray(shapes, np.int64).T
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    hmax = wmax = cells = 0
+    for i in np.lexsort((widths, heights)).tolist():
+        h, w = int(heights[i]), int(widths[i])
+        grown_h, grown_w = max(hmax, h), max(wmax, w)
+        padded = (len(current) + 1) * grown_h * grown_w
+        if current and (len(current) >= _CHUNK_MAPS or padded > _CHUNK_CELLS
+                        or padded > _CHUNK_PADDING * (cells + h * w)):
+            chunks.append(current)
+            current, cells, grown_h, grown_w = [], 0, h, w
+        current.append(i)
+        cells += h * w
+        hmax, wmax = grown_h, grown_w
+    chunks.append(current)
+    return chunks
 
 
 def _as_map(cam: object, name: str) -> np.ndarray:

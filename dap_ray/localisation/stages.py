@@ -8,13 +8,20 @@ Output rows (``boxes/*.parquet``): ``image_id`` string, ``label`` int32, ``width
 ``height`` int32 (original image, after its EXIF orientation), ``boxes`` list of 4-float
 lists (xyxy, original-image pixels), ``scores`` list of floats. Error rows
 (``errors/*.parquet``): ``image_id``, ``label``, ``error`` (a readable reason), ``retry``
-(the failure may pass, such as an I/O error: a rerun tries the image again).
+(the failure may pass, such as an I/O error: a rerun tries the image again), ``shard``.
+
+Each file is one write of up to ``rows_per_file`` images (tens of thousands: a 14M-image run
+writes about a thousand files), appears whole, and records in its Parquet metadata
+(``dap_ray.shards``: ``{shard: [rows in this file, records in the whole shard]}``) which
+input shards its rows belong to; :func:`read_progress` plans a rerun from those footers alone.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,15 +34,18 @@ from dap_ray.localisation.boxes import BoxConfig, cam_to_boxes_batch
 # Smaller images hold nothing a stride-32 CAM can localise.
 MIN_IMAGE_SIDE = 8
 
-__all__ = ["BOXES_SCHEMA", "ERRORS_SCHEMA", "MIN_IMAGE_SIDE", "CamBoxStage", "decode_and_resize",
-           "drop_retryable_errors", "read_done_ids", "write_results"]
+__all__ = ["BOXES_SCHEMA", "ERRORS_SCHEMA", "MIN_IMAGE_SIDE", "SHARDS_KEY", "CamBoxStage", "Progress",
+           "decode_and_resize", "drop_retryable_errors", "plan_resume", "read_done_ids", "read_progress",
+           "write_results"]
 
 BOXES_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("label", pa.int32()), ("width", pa.int32()), ("height", pa.int32()),
     ("boxes", pa.list_(pa.list_(pa.float32(), 4))), ("scores", pa.list_(pa.float32())),
 ])
 ERRORS_SCHEMA = pa.schema([("image_id", pa.string()), ("label", pa.int32()), ("error", pa.string()),
-                           ("retry", pa.bool_())])
+                           ("retry", pa.bool_()), ("shard", pa.string())])
+# Parquet metadata key of each output file's {shard: [rows here, records in the shard]}.
+SHARDS_KEY = b"dap_ray.shards"
 
 
 
@@ -77,7 +87,13 @@ def decode_and_resize(batch: pa.Table, scales: tuple[int, ...], max_pixels: int 
             out[f"pixels{j}"].append(resized.tobytes() if resized is not None else b"")
             out[f"h{j}"].append(resized.shape[0] if resized is not None else 0)
             out[f"w{j}"].append(resized.shape[1] if resized is not None else 0)
+    out.update(_provenance(rows))
     return pa.table(out)
+
+
+def _provenance(rows: dict) -> dict:
+    """The columns that tie rows to their input shard, passed on by every stage when present."""
+    return {key: rows[key] for key in ("shard", "shard_total") if key in rows}
 
 
 class CamBoxStage:
@@ -129,6 +145,7 @@ class CamBoxStage:
             "image_id": rows["image_id"], "label": rows["label"], "width": rows["width"], "height": rows["height"],
             "boxes": boxes, "scores": scores, "error": errors,
             "retry": [bool(r and e) for r, e in zip(rows.get("retry") or [False] * n, errors)],
+            **_provenance(rows),
         })
 
 
@@ -137,9 +154,14 @@ def write_results(batch: pa.Table, output: str) -> pa.Table:
 
     File names come from the batch's image ids, and each file appears whole (written to a
     temporary name, then renamed), so a retried task rewrites the same file and a killed
-    run leaves no partial file: every image is in exactly one file.
+    run leaves no partial file: every image is in exactly one file. Each file's metadata
+    records its rows per input shard (:data:`SHARDS_KEY`).
     """
     rows = batch.to_pydict()
+    n = len(rows["image_id"])
+    recorded = "shard" in rows and "shard_total" in rows  # rows from read_shard; bare batches in tests lack them
+    shards = rows.get("shard") or [""] * n
+    totals = rows.get("shard_total") or [0] * n
     ok = [i for i, e in enumerate(rows["error"]) if not e]
     bad = [i for i, e in enumerate(rows["error"]) if e]
     digest = hashlib.sha1("\n".join(rows["image_id"]).encode()).hexdigest()[:20]
@@ -149,26 +171,45 @@ def write_results(batch: pa.Table, output: str) -> pa.Table:
             "width": [rows["width"][i] for i in ok], "height": [rows["height"][i] for i in ok],
             "boxes": [rows["boxes"][i] for i in ok], "scores": [rows["scores"][i] for i in ok],
         }, schema=BOXES_SCHEMA)
-        _write_atomic(table, Path(output) / "boxes" / f"part-{digest}.parquet")
+        _write_atomic(table, Path(output) / "boxes" / f"part-{digest}.parquet",
+                      _shard_counts(ok, shards, totals) if recorded else None)
     if bad:
-        retry = rows.get("retry") or [False] * len(rows["image_id"])
+        retry = rows.get("retry") or [False] * n
         table = pa.table({"image_id": [rows["image_id"][i] for i in bad], "label": [rows["label"][i] for i in bad],
-                          "error": [rows["error"][i] for i in bad], "retry": [bool(retry[i]) for i in bad]},
-                         schema=ERRORS_SCHEMA)
-        _write_atomic(table, Path(output) / "errors" / f"part-{digest}.parquet")
+                          "error": [rows["error"][i] for i in bad], "retry": [bool(retry[i]) for i in bad],
+                          "shard": [shards[i] for i in bad]}, schema=ERRORS_SCHEMA)
+        _write_atomic(table, Path(output) / "errors" / f"part-{digest}.parquet",
+                      _shard_counts(bad, shards, totals) if recorded else None)
     return pa.table({"images": [len(ok)], "errors": [len(bad)], "boxes": [sum(len(rows["boxes"][i]) for i in ok)]})
 
 
-def _write_atomic(table: pa.Table, path: Path) -> None:
+def _shard_counts(indices: list[int], shards: list[str], totals: list[int]) -> dict[str, list[int]]:
+    counts: dict[str, list[int]] = {}
+    for i in indices:
+        counts.setdefault(shards[i], [0, int(totals[i])])[0] += 1
+    return counts
+
+
+def _write_atomic(table: pa.Table, path: Path, shard_counts: dict[str, list[int]] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    if shard_counts is not None:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                               SHARDS_KEY: json.dumps(shard_counts).encode()})
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     pq.write_table(table, partial)
     os.replace(partial, path)
 
 
+def _file_shards(path: Path) -> dict[str, list[int]] | None:
+    """A file's :data:`SHARDS_KEY` record, from its footer; None for files written before it."""
+    metadata = pq.read_schema(path).metadata or {}
+    return json.loads(metadata[SHARDS_KEY]) if SHARDS_KEY in metadata else None
+
+
 def drop_retryable_errors(output: str | Path) -> int:
     """Remove from ``output/errors`` the rows whose failure may pass (``retry``), so that a rerun
-    tries those images again; return how many. Each file is rewritten whole (or removed).
+    tries those images again; return how many. Each file is rewritten whole (or removed),
+    with its shard record recounted.
 
     A rerun killed after this leaves those images not done, so they are still mined later:
     nothing is lost. Files from before the ``retry`` column count as lasting failures.
@@ -182,17 +223,104 @@ def drop_retryable_errors(output: str | Path) -> int:
         if all(keep):
             continue
         dropped += keep.count(False)
-        if any(keep):
-            _write_atomic(table.filter(pa.array(keep)), path)
-        else:
+        if not any(keep):
             path.unlink()
+            continue
+        kept = table.filter(pa.array(keep))
+        recorded = _file_shards(path)
+        counts = None
+        if recorded is not None and "shard" in kept.column_names:
+            counts = {}
+            for shard in kept.column("shard").to_pylist():
+                counts.setdefault(shard, [0, recorded.get(shard, [0, 0])[1]])[0] += 1
+        _write_atomic(kept.replace_schema_metadata(None), path, counts)
     return dropped
 
 
-def read_done_ids(output: str | Path) -> frozenset[str]:
-    """Image ids already written under ``output`` (for resuming)."""
-    done: set[str] = set()
+@dataclass
+class Progress:
+    """What an output holds, by input shard, read from its files' footers (:func:`read_progress`).
+
+    ``rows``: shard -> rows written; ``totals``: shard -> the shard's record count as written
+    (-1 where two files disagree, the input having changed); ``files``: shard -> the files
+    holding its rows; ``legacy``: files without a shard record (written before it), whose
+    images only their ids tell, and ``legacy_rows`` their row count.
+    """
+
+    rows: dict[str, int] = field(default_factory=dict)
+    totals: dict[str, int] = field(default_factory=dict)
+    files: dict[str, list[str]] = field(default_factory=dict)
+    legacy: list[str] = field(default_factory=list)
+    legacy_rows: int = 0
+
+    @property
+    def images(self) -> int:
+        """Rows written (images and errors)."""
+        return sum(self.rows.values()) + self.legacy_rows
+
+    def complete(self) -> set[str]:
+        """Shards all of whose records are written."""
+        return {shard for shard, rows in self.rows.items() if shard and rows == self.totals.get(shard)}
+
+
+def read_progress(output: str | Path) -> Progress:
+    """The shards ``output`` holds and how much of each, from file footers alone (no ids read)."""
+    progress = Progress()
     for sub in ("boxes", "errors"):
         for path in sorted((Path(output) / sub).glob("part-*.parquet")):
-            done.update(pq.read_table(path, columns=["image_id"]).column(0).to_pylist())
+            recorded = _file_shards(path)
+            if recorded is None:
+                progress.legacy.append(str(path))
+                progress.legacy_rows += pq.read_metadata(path).num_rows
+                continue
+            for shard, (rows, total) in recorded.items():
+                progress.rows[shard] = progress.rows.get(shard, 0) + rows
+                seen = progress.totals.setdefault(shard, total)
+                if seen != total:
+                    progress.totals[shard] = -1
+                progress.files.setdefault(shard, []).append(str(path))
+    return progress
+
+
+def read_done_ids(output: str | Path, files: list[str] | None = None) -> frozenset[str]:
+    """Image ids written under ``output`` (every file, or only ``files``)."""
+    if files is None:
+        files = [str(p) for sub in ("boxes", "errors") for p in sorted((Path(output) / sub).glob("part-*.parquet"))]
+    done: set[str] = set()
+    for path in files:
+        done.update(pq.read_table(path, columns=["image_id"]).column(0).to_pylist())
     return frozenset(done)
+
+
+def plan_resume(shards: list[dict], progress: Progress, output: str | Path) -> tuple[list[dict], str]:
+    """The shards still to read, each given the ids of its images already written (``skip``),
+    and a line saying how the plan was made.
+
+    Complete shards are dropped from their footers' record alone; only the files holding
+    partly written shards (those in flight when a run stopped) have their ids read. Outputs
+    written before shard records, or whose shards the listing no longer has (another
+    ``shard_size``, or a changed input), fall back to reading every id, so that nothing is
+    mined twice.
+    """
+    from dap_ray.data.sources import shard_key
+
+    complete = progress.complete()
+    planned = {shard["shard_id"] for shard in shards}
+    stale = [shard for shard in progress.rows if shard not in planned]
+    if progress.legacy or stale:
+        done = read_done_ids(output)
+        how = (f"read all {len(done)} ids written: {len(progress.legacy)} file(s) have no shard record and "
+               f"{len(stale)} recorded shard(s) are not in this listing")
+        complete = set()
+    else:
+        partial = [shard for shard in progress.rows if shard not in complete]
+        files = sorted({path for shard in partial for path in progress.files[shard]})
+        done = read_done_ids(output, files)
+        how = (f"{len(complete)} shard(s) complete by their files' records, the ids of {len(partial)} partly "
+               f"written shard(s) read from {len(files)} file(s)")
+    by_key: dict[str, list[str]] = {}
+    for image_id in done:
+        by_key.setdefault(shard_key(image_id, shards[0]["format"] if shards else "tar"), []).append(image_id)
+    remaining = [{**shard, "skip": sorted(by_key.get(shard["key"], []))} for shard in shards
+                 if shard["shard_id"] not in complete]
+    return remaining, how

@@ -47,7 +47,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-__all__ = ["CamModel", "ResNetCam", "TORCHVISION_CLASSIFIERS", "as_cam_model", "load_classifier", "unwrap_ddp"]
+__all__ = ["CamModel", "ResNetCam", "TORCHVISION_CLASSIFIERS", "as_cam_model", "load_classifier", "output_count",
+           "unwrap_ddp"]
 
 # torchvision builders accepted by name: ResNet-family models end in avgpool + fc.
 TORCHVISION_CLASSIFIERS = {
@@ -183,14 +184,32 @@ def _from_factory(spec: str, num_classes: int | None, from_weights: int | None =
     takes_num_classes = "num_classes" in inspect.signature(factory).parameters
     if num_classes is None and takes_num_classes:
         num_classes = from_weights
-    if num_classes is not None:
-        if not takes_num_classes:
-            raise ValueError(f"classifier factory {spec!r} takes no num_classes argument")
+    if num_classes is not None and takes_num_classes:
         kwargs["num_classes"] = num_classes
     model = factory(**kwargs)
     if not isinstance(model, nn.Module):
         raise ValueError(f"classifier factory {spec!r} returned {type(model).__name__}, not an nn.Module")
+    # Model zoos' ImageNet builders take no num_classes and return a fixed 1000-way model:
+    # called as they are, then their output count is checked against the classes asked for.
+    outputs = output_count(model)
+    if num_classes is not None and outputs is not None and outputs != num_classes:
+        raise ValueError(
+            f"classifier factory {spec!r} returned a model with {outputs} outputs but {num_classes} classes "
+            "are asked for (by num_classes, the class map or the weights); "
+            + ("the factory takes num_classes but did not honour it" if takes_num_classes else
+               f"it takes no num_classes argument: give a class map of {outputs} classes, or a factory that "
+               "takes num_classes"))
     return model
+
+
+def output_count(model: nn.Module) -> int | None:
+    """Classes a classifier scores: rows of its CAM class weights (a ResNet's ``fc``, a
+    :class:`CamModel`'s ``class_weight``), else a last ``fc`` Linear's outputs; None when unknown."""
+    try:
+        return int(as_cam_model(model).class_weight.shape[0])
+    except (ValueError, AttributeError):
+        fc = getattr(model, "fc", None)
+        return int(fc.out_features) if isinstance(fc, nn.Linear) else None
 
 
 def _read_state_dict(path: str | Path) -> dict[str, Tensor]:

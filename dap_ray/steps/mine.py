@@ -31,13 +31,14 @@ from dap_ray.localisation.stages import (
     CamBoxStage,
     decode_and_resize,
     drop_retryable_errors,
-    read_done_ids,
+    plan_resume,
+    read_progress,
     write_results,
 )
 from dap_ray.runs import open_run, settings_differ
 from dap_ray.steps.ray_setup import init_ray
 
-__all__ = ["MAX_CPU_ACTORS", "MineConfig", "mine", "pool_problem", "resolve_actor_pool"]
+__all__ = ["MAX_CPU_ACTORS", "MineConfig", "actor_pool_sizes", "mine", "pool_problem", "resolve_actor_pool"]
 
 # CPU pools: on 2 cores two one-thread actors mine about 15% faster than one actor on both
 # cores, whose threads stall whenever another process takes a core (benchmarks/bench_mine.py);
@@ -72,14 +73,18 @@ class MineConfig:
     batch_size: int = field(default=32, metadata={"help": "images per model batch"})
     num_gpus_per_actor: float = field(default=0.0, metadata={"help": "GPUs per model actor (0: CPU actors)"})
     actors: tuple[int, ...] | None = field(default=None, metadata={
-        "help": "MIN MAX model actors, an autoscaling pool (default: 1 1 with GPUs; on CPU a fixed pool of "
-                f"one actor per CPU of the largest node, at most {MAX_CPU_ACTORS})"})
+        "help": "MIN MAX model actors, an autoscaling pool (default with GPUs: from 1 up to every GPU the cluster "
+                "has or its autoscaler can add; on CPU a fixed pool of one actor per CPU of the largest node, "
+                f"at most {MAX_CPU_ACTORS})"})
     cpus_per_actor: float | None = field(default=None, metadata={
         "help": "CPUs Ray reserves per model actor (default: 1 with GPUs; on CPU, the node's CPUs less the one "
                 "kept for the read and write tasks, shared among the actors)"})
     torch_threads: int | None = field(default=None, metadata={
         "help": "torch threads per CPU actor (default: the node's CPUs over the largest pool)"})
     shard_size: int = field(default=64, metadata={"help": "folder images per read task (smaller streams sooner)"})
+    rows_per_file: int = field(default=10_000, metadata={
+        "help": "images per output file (a 14M-image run writes about 1,400 files; a killed driver loses at most "
+                "the rows not yet written, which a rerun mines again)"})
     limit: int | None = field(default=None, metadata={"help": "mine at most this many images"})
     gt_boxes: str | None = field(default=None, metadata={"help": "COCO file of true boxes: report quality in summary.json"})
     image_column: str = field(default="image", metadata={"help": "parquet: image column (bytes or path)"})
@@ -94,7 +99,7 @@ class MineConfig:
             raise ValueError(f"cpus_per_actor must be at least 0, got {self.cpus_per_actor}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch_threads must be at least 1, got {self.torch_threads}")
-        for name in ("batch_size", "shard_size"):
+        for name in ("batch_size", "shard_size", "rows_per_file"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.limit is not None and self.limit < 1:
@@ -110,15 +115,15 @@ class MineConfig:
 def resolve_actor_pool(cfg: MineConfig, node_cpus: int, shards: int | None = None) -> MineConfig:
     """``cfg`` with the model pool's defaults filled in for a cluster whose largest node has ``node_cpus``.
 
-    With GPUs: ``actors`` (1, 1), ``cpus_per_actor`` 1. On CPU: a fixed pool of
+    With GPUs: ``actors`` left None, an autoscaling pool of at least one actor and no upper
+    bound but the cluster's GPUs (see :func:`actor_pool_sizes`), ``cpus_per_actor`` 1. On CPU: a fixed pool of
     ``min(node_cpus, MAX_CPU_ACTORS, shards)`` actors (no more than there are input shards
     to feed them) that together reserve all but one of the node's CPUs (the read and write
     tasks need one each), ``torch_threads`` the node's CPUs over the largest pool. Values
     the user set are kept.
     """
     if cfg.num_gpus_per_actor > 0:
-        return replace(cfg, actors=cfg.actors or (1, 1),
-                       cpus_per_actor=1.0 if cfg.cpus_per_actor is None else cfg.cpus_per_actor)
+        return replace(cfg, cpus_per_actor=1.0 if cfg.cpus_per_actor is None else cfg.cpus_per_actor)
     node_cpus = max(1, int(node_cpus))
     actors = cfg.actors
     if actors is None:
@@ -133,14 +138,21 @@ def resolve_actor_pool(cfg: MineConfig, node_cpus: int, shards: int | None = Non
     return replace(cfg, actors=tuple(actors), cpus_per_actor=cpus, torch_threads=threads)
 
 
+def actor_pool_sizes(cfg: MineConfig) -> tuple[int, int | None]:
+    """(min, max) of the model pool, max None for no bound but the cluster's resources: Ray Data
+    grows the pool while there is work and the cluster has, or its autoscaler can add, a GPU."""
+    return (cfg.actors[0], cfg.actors[1]) if cfg.actors else (1, None)
+
+
 def pool_problem(cfg: MineConfig, cluster_cpus: float) -> str | None:
     """Why the smallest model pool would leave no CPU for the read and write tasks, or None.
 
     Ray would then wait forever for a CPU: the actors hold them all.
     """
-    held = cfg.actors[0] * cfg.cpus_per_actor
+    smallest = actor_pool_sizes(cfg)[0]
+    held = smallest * cfg.cpus_per_actor
     if held > cluster_cpus - 1:
-        return (f"{cfg.actors[0]} model actor(s) x {cfg.cpus_per_actor:g} CPUs would hold {held:g} of the cluster's "
+        return (f"{smallest} model actor(s) x {cfg.cpus_per_actor:g} CPUs would hold {held:g} of the cluster's "
                 f"{cluster_cpus:g} CPUs, leaving less than the 1 CPU the read and write tasks need: "
                 f"lower --actors or --cpus-per-actor")
     return None
@@ -208,14 +220,15 @@ def _mine(cfg: MineConfig, output: Path) -> dict:
 
     cfg, classes_to_write = _classifier_class_map(cfg, output)
     saved = output / "config.yaml"
-    done = read_done_ids(output)
-    if done and saved.is_file():
+    progress = read_progress(output)
+    written = progress.images
+    if written and saved.is_file():
         # Checked before anything in the output changes: a refused rerun leaves the run as it was.
         previous = _comparable(yaml.safe_load(saved.read_text()) or {})
         differing = settings_differ(previous, _comparable(config_to_dict(cfg), classes_to_write), BOX_SETTINGS)
         if differing:
             details = "; ".join(f"{k}: {previous.get(k)!r} then, {getattr(cfg, k)!r} now" for k in differing)
-            raise ValueError(f"{output} already holds {len(done)} images mined with other settings ({details}): "
+            raise ValueError(f"{output} already holds images mined with other settings ({details}): "
                              f"mining on would mix two runs. Give another --output, or the same settings to resume")
     if classes_to_write is not None:
         path = Path(cfg.class_map)
@@ -224,16 +237,20 @@ def _mine(cfg: MineConfig, output: Path) -> dict:
     retried = drop_retryable_errors(output)
     if retried:
         print(f"retrying {retried} images whose reading failed last time (I/O errors, files not found)", flush=True)
-        done = read_done_ids(output)
-    shards, classes, problems = list_shards(cfg.input, cfg.format, cfg.class_map, cfg.shard_size, done,
-                                            cfg.image_column, cfg.label_column)
+        progress = read_progress(output)
+    init_ray()
+    shards, classes, problems = list_shards(cfg.input, cfg.format, cfg.class_map, cfg.shard_size, (),
+                                            cfg.image_column, cfg.label_column, map_fn=_map_on_ray)
     for line in problems:
         print(f"warning: {line}", flush=True)
     num_classes = cfg.num_classes or (len(classes) if classes and not cfg.weights else None)
-    if done:
-        print(f"resuming: {len(done)} images already in {output}", flush=True)
+    done = progress.images
+    if written:
+        listed = len(shards)
+        shards, how = plan_resume(shards, progress, output)
+        print(f"resuming: {done} images already in {output}, {len(shards)} of {listed} shards left to read ({how})",
+              flush=True)
 
-    init_ray()
     node_cpus = max([n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]] or [0])
     cfg = resolve_actor_pool(cfg, node_cpus, len(shards))
     problem = pool_problem(cfg, ray.cluster_resources().get("CPU", 0))
@@ -249,7 +266,7 @@ def _mine(cfg: MineConfig, output: Path) -> dict:
         ds = ray.data.from_items(shards, override_num_blocks=len(shards))
         ds = ds.flat_map(read_shard)
         if cfg.limit is not None:
-            ds = ds.limit(max(0, cfg.limit - len(done)))
+            ds = ds.limit(max(0, cfg.limit - done))
         scales = tuple(sorted(cfg.scales))
         # On CPU, decode tasks ask for what a model actor holds, so that Ray Data fuses them into
         # the actors: decoding is ~1% of the work there, and fusing saves a worker that imports
@@ -261,7 +278,7 @@ def _mine(cfg: MineConfig, output: Path) -> dict:
             CamBoxStage,
             batch_format="pyarrow",
             batch_size=cfg.batch_size,
-            compute=ActorPoolStrategy(min_size=cfg.actors[0], max_size=cfg.actors[1]),
+            compute=ActorPoolStrategy(min_size=actor_pool_sizes(cfg)[0], max_size=actor_pool_sizes(cfg)[1]),
             num_gpus=cfg.num_gpus_per_actor or None,
             num_cpus=cfg.cpus_per_actor,
             fn_constructor_kwargs=dict(classifier=cfg.classifier, weights=cfg.weights, num_classes=num_classes,
@@ -269,7 +286,10 @@ def _mine(cfg: MineConfig, output: Path) -> dict:
                                        batch_size=cfg.batch_size, device="cuda" if on_gpu else "cpu",
                                        torch_threads=cfg.torch_threads),
         )  # Ray Data's actor pools restart a dead actor and retry its batches (max_restarts=-1 by default).
-        ds = ds.map_batches(write_results, batch_format="pyarrow", batch_size=None, fn_kwargs={"output": str(output)})
+        # Rows reach the writer small (ids and boxes): bundling rows_per_file of them per file keeps
+        # a 14M-image output to about a thousand files, each written whole.
+        ds = ds.map_batches(write_results, batch_format="pyarrow", batch_size=cfg.rows_per_file,
+                            fn_kwargs={"output": str(output)})
         last = 0.0
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for key in counts:
@@ -287,18 +307,36 @@ def _mine(cfg: MineConfig, output: Path) -> dict:
     return summary
 
 
-def _summary(output: Path, wall: float, counts: dict, cfg: MineConfig) -> dict:
-    from dap_ray.data.export import read_boxes
+def _map_on_ray(fn, items) -> list:
+    """``map`` over Ray tasks, in chunks: listing 21,841 class folders of ImageNet-21K runs on
+    the cluster, and the driver gets back counts, not paths."""
+    import ray
 
-    rows = read_boxes(output / "boxes") if list((output / "boxes").glob("part-*.parquet")) else []
+    items = list(items)
+    if len(items) <= 16:
+        return [fn(item) for item in items]
+    chunk = max(1, min(256, len(items) // (4 * max(1, int(ray.cluster_resources().get("CPU", 1))))))
+    task = ray.remote(num_cpus=1)(_map_chunk)
+    parts = [task.remote(fn, items[i : i + chunk]) for i in range(0, len(items), chunk)]
+    return [value for part in ray.get(parts) for value in part]
+
+
+def _map_chunk(fn, items: list) -> list:
+    return [fn(item) for item in items]
+
+
+def _summary(output: Path, wall: float, counts: dict, cfg: MineConfig) -> dict:
+    """The run's figures, streamed from its files in Arrow: flat memory at 14M images."""
+    from dap_ray.data.export import count_boxes, read_boxes_of
+
+    images, total_boxes = count_boxes(output / "boxes")
     errors = sum(pq.read_metadata(p).num_rows for p in sorted((output / "errors").glob("part-*.parquet")))
-    total_boxes = sum(len(r["boxes"]) for r in rows)
     mined_now = counts["images"] + counts["errors"]
     rate = round(mined_now / wall, 2) if wall > 0 else 0.0
     summary = {
-        "images": len(rows),
+        "images": images,
         "boxes": total_boxes,
-        "boxes_per_image": total_boxes / len(rows) if rows else 0.0,
+        "boxes_per_image": total_boxes / images if images else 0.0,
         "errors": errors,
         "this_run": {"images": counts["images"], "errors": counts["errors"], "wall_s": round(wall, 2),
                      "images_per_s": rate},
@@ -306,16 +344,12 @@ def _summary(output: Path, wall: float, counts: dict, cfg: MineConfig) -> dict:
         "images_per_s": rate,
         "config": config_to_dict(cfg),
     }
-    if cfg.gt_boxes and rows:
-        from dap_ray.evaluation.localisation import (
-            load_coco_boxes,
-            localisation_quality,
-        )
+    if cfg.gt_boxes and images:
+        from dap_ray.evaluation.localisation import load_coco_boxes, localisation_quality
 
         truth, _ = load_coco_boxes(cfg.gt_boxes)
-        predictions = {r["image_id"]: (r["boxes"], r["scores"]) for r in rows}
         try:
-            summary["quality"] = localisation_quality(predictions, truth)
+            summary["quality"] = localisation_quality(read_boxes_of(output / "boxes", truth), truth)
         except ValueError as exc:
             print(f"warning: no quality figures: {exc}", file=sys.stderr)
     return summary
