@@ -9,7 +9,10 @@ peak memory is its own:
   gone, as if the driver died): read_progress + plan_resume against the listing's shards;
 - the summary (images, boxes, errors) over the whole output (count_boxes);
 - listing the folder tree into shards: serial, and as Ray tasks (jobs/mine.py's way);
-- the number of output files.
+- the number of output files;
+- for contrast, the ways they replace: resuming by reading every id into a set (still the
+  fallback for outputs without shard records) and listing every path in the driver
+  (list_image_folder, which Step 1 still uses for its smaller training sets).
 
     python benchmarks/bench_scale.py --work /tmp/dap_scale [--images 14200000] [--tree-images 1420000]
 
@@ -115,6 +118,16 @@ def measure(what: str, work: Path, images: int) -> dict:
         remaining, how = plan_resume(shards, progress, output)
         result = {"shards_listed": len(shards), "shards_left": len(remaining), "done_images": progress.images,
                   "how": how, "plan_s": round(time.perf_counter() - t0, 2)}
+    elif what == "plan-every-id":
+        from dap_ray.localisation.stages import read_done_ids
+
+        result = {"ids": len(read_done_ids(work / "output"))}
+    elif what == "list-every-path":
+        from dap_ray.data.images import list_image_folder
+
+        t0 = time.perf_counter()
+        listing = list_image_folder(work / "tree")
+        result = {"paths": len(listing.items), "list_s": round(time.perf_counter() - t0, 2)}
     elif what == "summary":
         from dap_ray.data.export import count_boxes
 
@@ -170,7 +183,8 @@ def main() -> None:
     print(f"\noutput files for {args.images} images at --rows-per-file {args.rows_per_file}: {files} "
           f"(boxes; errors add at most as many, usually far fewer)")
     scale = 14_200_000 / args.tree_images
-    for what in ("plan-finished", "plan-half", "summary", "list-serial", "list-ray"):
+    for what in ("plan-finished", "plan-half", "plan-every-id", "summary", "list-serial", "list-ray",
+                 "list-every-path"):
         run = subprocess.run([sys.executable, __file__, "--work", str(work), "--images", str(args.images),
                               "--tree-images", str(args.tree_images), "--measure", what],
                              capture_output=True, text=True)
@@ -178,7 +192,7 @@ def main() -> None:
             print(f"{what}: failed\n{run.stderr[-2000:]}")
             continue
         result = json.loads(run.stdout.strip().splitlines()[-1])
-        if what.startswith("list"):
+        if what.startswith("list") and "list_s" in result:
             result["list_s_scaled_to_14.2M"] = round(result["list_s"] * scale, 1)
         print(f"{what}: {json.dumps(result)}", flush=True)
 

@@ -238,6 +238,9 @@ def test_the_embedded_default_is_the_downstream_sample_from_the_samples_dap_run(
     assert cfg.init == f"dap:{tmp_path / 'sample-v1' / 'pretrained'}" and cfg.format == "coco"
     assert Path(cfg.train).is_file() and Path(cfg.test).is_file() and cfg.min_sizes == (160,)
     assert cfg.batch_size == 8  # what the user set is kept
+    assert cfg.max_iters == 150
+    tuned = finetune_defaults(FinetuneConfig(shots=5, kshot_table="kshot_preset.yaml"))
+    assert tuned.max_iters is None  # regression: the sample's 150 overrode the table's iterations for K
     mine = FinetuneConfig(train="my.json", init="scratch")
     assert finetune_defaults(mine) == mine
 

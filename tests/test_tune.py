@@ -202,3 +202,13 @@ def test_the_k_shot_sweep_writes_a_preset_that_finetune_reads(ray_session, tmp_p
     with pytest.raises(ValueError, match="no entry for K = 5"):
         resolve_schedule(FinetuneConfig(shots=5, kshot_table=str(tmp_path / "sweep" / "kshot_preset.yaml")), 4)
     assert (tmp_path / "sweep" / "sweep.png").is_file() and "| 2 |" in (tmp_path / "sweep" / "results.md").read_text()
+
+
+def test_the_concurrency_limit_reaches_the_grid_generator():
+    """Regression: max_concurrent_trials beside a BasicVariantGenerator is ignored by Tune (a warning),
+    so trials that leave CPUs to their Ray Train workers all started at once."""
+    from dap_ray.steps.tune import grid_tune_config
+
+    config = grid_tune_config(2, seed=3)
+    assert config.max_concurrent_trials is None and config.search_alg.max_concurrent == 2
+    assert (config.metric, config.mode) == ("AP50", "max")

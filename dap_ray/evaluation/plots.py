@@ -27,7 +27,7 @@ def save_figure(plt, figure, path: str | Path, title: str = "") -> Path:
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
     return path
 
@@ -46,15 +46,19 @@ def plot_learning_curves(runs: Mapping[str, Sequence[Mapping]], path: str | Path
     plt = pyplot()
     figure, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
     for axis, metric in zip(axes[0], metrics):
-        for label, evaluations in runs.items():
+        for i, (label, evaluations) in enumerate(runs.items()):
             points = [(e["iteration"], e[metric]) for e in evaluations if _finite(e.get(metric))]
             if points:
                 xs, ys = zip(*points)
-                axis.plot(xs, ys, marker="o", markersize=3, label=label)
+                # Past the 10 colours of the cycle, a new line style keeps every run told apart.
+                axis.plot(xs, ys, marker="o", markersize=3, label=label, linestyle=("-", "--", ":", "-.")[i // 10 % 4])
         axis.set_xlabel("fine-tuning iteration")
         axis.set_ylabel(f"{metric} (%)")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        if len(runs) > 6:  # beside the panel, not over the lines
+            axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        else:
+            axis.legend(fontsize=8)
     return save_figure(plt, figure, path, title)
 
 

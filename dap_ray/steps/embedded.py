@@ -146,7 +146,8 @@ def finetune_defaults(cfg: FinetuneConfig, cache: str | Path | None = None) -> F
     sample's DAP pre-training (made on first use) unless ``init`` says otherwise.
 
     Options the user left at the paper's defaults become the sample's small run
-    (:data:`SAMPLE_FINETUNE`); options the user set are kept.
+    (:data:`SAMPLE_FINETUNE`; its length only without a ``kshot_table``, whose iterations
+    for K then count); options the user set are kept.
     """
     from dap_ray.steps.finetune import FinetuneConfig
 
@@ -155,6 +156,8 @@ def finetune_defaults(cfg: FinetuneConfig, cache: str | Path | None = None) -> F
     folder = sample_downstream(cache)
     defaults = FinetuneConfig()
     small = {k: v for k, v in SAMPLE_FINETUNE.items() if getattr(cfg, k) == getattr(defaults, k)}
+    if cfg.kshot_table:  # the table's iterations for K, not the sample's fixed length
+        small.pop("max_iters", None)
     init = cfg.init or f"dap:{sample_pretrained_detector(cache)}"
     print(f"fine-tuning on the built-in downstream sample ({folder}) from {init}", flush=True)
     return dataclasses.replace(cfg, train=str(folder / "coco" / "train.json"), test=str(folder / "coco" / "test.json"),

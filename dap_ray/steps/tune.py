@@ -35,7 +35,8 @@ from typing import Literal
 
 import yaml
 
-__all__ = ["DEFAULT_THRESHOLD_SETS", "TuneBoxesConfig", "TuneFinetuneConfig", "tune_boxes", "tune_finetune"]
+__all__ = ["DEFAULT_THRESHOLD_SETS", "TuneBoxesConfig", "TuneFinetuneConfig", "grid_tune_config", "tune_boxes",
+           "tune_finetune"]
 
 # Threshold sets on the grid: the paper's, shifted down and up, sparser and denser.
 DEFAULT_THRESHOLD_SETS = ("0.2,0.3,0.4,0.5", "0.1,0.2,0.3,0.4", "0.3,0.4,0.5,0.6", "0.2,0.4", "0.15,0.25,0.35,0.45",
@@ -158,11 +159,24 @@ def _box_trial(config: dict, cache, ground_truth: dict, category_ids: list) -> N
     ray.tune.report(score_box_config(cache, cache.cams(), ground_truth, box, category_ids))
 
 
+def grid_tune_config(concurrent: int, seed: int, scheduler=None):
+    """A ``TuneConfig`` for a grid sweep, maximising ``AP50``, at most ``concurrent`` trials at once.
+
+    The limit goes to the grid's generator: beside a generator-type ``search_alg`` Tune ignores
+    ``max_concurrent_trials`` (with a warning) and starts every trial the resources allow, which
+    for trials holding 0.01 CPU while their Ray Train workers wait for CPUs means a deadlock.
+    """
+    import ray.tune
+    from ray.tune.search import BasicVariantGenerator
+
+    return ray.tune.TuneConfig(metric="AP50", mode="max", scheduler=scheduler,
+                               search_alg=BasicVariantGenerator(random_state=seed, max_concurrent=concurrent))
+
+
 def tune_boxes(cfg: TuneBoxesConfig) -> dict:
     """Run the sweep (resuming one that was interrupted) and write its outputs; return the best row."""
     import ray
     import ray.tune
-    from ray.tune.search import BasicVariantGenerator
 
     from dap_ray.config import config_to_dict, save_config
     from dap_ray.localisation.cam import CamExtractor
@@ -215,8 +229,7 @@ def tune_boxes(cfg: TuneBoxesConfig) -> dict:
         else:
             tuner = ray.tune.Tuner(
                 trainable, param_space=space,
-                tune_config=ray.tune.TuneConfig(metric="AP50", mode="max", max_concurrent_trials=concurrent,
-                                                search_alg=BasicVariantGenerator(random_state=0)),
+                tune_config=grid_tune_config(concurrent, seed=0),
                 run_config=ray.tune.RunConfig(name="boxes", storage_path=str(storage), verbose=0,
                                               failure_config=ray.tune.FailureConfig(max_failures=1)))
         print(f"sweeping {trials} box settings over {len(cache)} images, {concurrent} trials at a time", flush=True)
@@ -415,7 +428,6 @@ def tune_finetune(cfg: TuneFinetuneConfig) -> dict:
     import ray
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import BasicVariantGenerator
 
     from dap_ray.config import config_to_dict, save_config
     from dap_ray.data.fewshot import sample_k_shot
@@ -473,13 +485,11 @@ def tune_finetune(cfg: TuneFinetuneConfig) -> dict:
                     trainable,
                     param_space={"max_iters": ray.tune.grid_search(list(cfg.iterations)),
                                  "lr": ray.tune.grid_search(list(cfg.lrs))},
-                    tune_config=ray.tune.TuneConfig(
-                        metric="AP50", mode="max", max_concurrent_trials=concurrent,
-                        search_alg=BasicVariantGenerator(random_state=cfg.seed),
-                        # Rungs at shares of each trial's own schedule: a short schedule has decayed
-                        # its rate by its end, a long one has barely warmed up at the same iteration.
-                        scheduler=ASHAScheduler(time_attr="progress", max_t=100,
-                                                grace_period=max(1, 100 // cfg.evals_per_trial), reduction_factor=2)),
+                    # Rungs at shares of each trial's own schedule: a short schedule has decayed
+                    # its rate by its end, a long one has barely warmed up at the same iteration.
+                    tune_config=grid_tune_config(concurrent, seed=cfg.seed, scheduler=ASHAScheduler(
+                        time_attr="progress", max_t=100, grace_period=max(1, 100 // cfg.evals_per_trial),
+                        reduction_factor=2)),
                     run_config=ray.tune.RunConfig(name=experiment.name, storage_path=str(storage), verbose=0,
                                                   failure_config=ray.tune.FailureConfig(max_failures=1)))
             results = tuner.fit()
