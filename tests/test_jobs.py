@@ -19,7 +19,7 @@ def mine_args(dataset, output, *extra):
     sample, weights = dataset
     return ["jobs/mine.py", "--input", str(sample / "images"), "--class-map", str(sample / "classes.txt"),
             "--num-classes", "3", "--scales", "32", "64", "--batch-size", "2", "--shard-size", "8",
-            "--output", str(output), *extra]
+            "--rows-per-file", "4", "--output", str(output), *extra]
 
 
 def kill_session(sid):
