@@ -19,7 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "IMAGE_EXTENSIONS", "MAX_IMAGE_PIXELS", "BadImageError", "FolderListing",
-    "class_folder_files", "classifier_classes", "decode_image", "first_class_difference", "list_image_folder", "read_class_map",
+    "class_folder_files", "class_folders", "classifier_classes", "decode_image", "first_class_difference", "list_image_folder", "read_class_map",
 ]
 
 log = logging.getLogger(__name__)
@@ -163,6 +163,23 @@ class FolderListing:
         return lines
 
 
+def class_folders(root: Path, class_map: str | Path | None = None) -> tuple[list[str], list[str], list[str]]:
+    """The top of a ``root/<class>/<image>`` tree, in one pass: its sorted class folders, the
+    files lying beside them (sorted), and the class names (``class_map``'s, else the folders).
+
+    Raises ``ValueError`` when ``root`` is not a folder or there are no classes.
+    """
+    if not root.is_dir():
+        raise ValueError(f"image folder not found: {root}")
+    entries = list(os.scandir(root))
+    folders = sorted(entry.name for entry in entries if entry.is_dir())
+    files = sorted(entry.name for entry in entries if entry.is_file())
+    classes = read_class_map(class_map) if class_map is not None else folders
+    if not classes:
+        raise ValueError(f"{root} has no class folders")
+    return folders, files, list(classes)
+
+
 def class_folder_files(root: str | Path, name: str) -> tuple[list[str], list[str]]:
     """(images, other files) under ``root/name``, as sorted paths relative to ``root`` with ``/``.
 
@@ -185,13 +202,7 @@ def list_image_folder(root: str | Path, class_map: str | Path | None = None) -> 
     sorted folder names.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise ValueError(f"image folder not found: {root}")
-    folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
-    skipped = sorted(entry.name for entry in os.scandir(root) if entry.is_file())
-    classes = read_class_map(class_map) if class_map is not None else folders
-    if not classes:
-        raise ValueError(f"{root} has no class folders")
+    folders, skipped, classes = class_folders(root, class_map)
     index = {name: i for i, name in enumerate(classes)}
     unknown = [name for name in folders if name not in index]
     items, unknown_items = [], []

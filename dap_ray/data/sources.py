@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 from urllib.parse import unquote_to_bytes
 
-from dap_ray.data.images import IMAGE_EXTENSIONS, class_folder_files, read_class_map
+from dap_ray.data.images import IMAGE_EXTENSIONS, class_folder_files, class_folders, read_class_map
 
 __all__ = ["FORMATS", "ImageReader", "id_to_path", "list_shards", "path_to_id", "read_shard", "shard_key"]
 
@@ -126,17 +126,10 @@ def list_shards(
 
 def _folder_shards(root: Path, class_map, shard_size: int, by_key: dict, map_fn: Callable,
                    common: dict) -> tuple[list[dict], list[str], list[str]]:
-    if not root.is_dir():
-        raise ValueError(f"image folder not found: {root}")
-    folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
-    stray = sorted(entry.name for entry in os.scandir(root) if entry.is_file())
-    classes = read_class_map(class_map) if class_map is not None else folders
-    if not classes:
-        raise ValueError(f"{root} has no class folders")
+    folders, stray, classes = class_folders(root, class_map)
     index = {name: i for i, name in enumerate(classes)}
     shards, unknown, others, unknown_images = [], [], list(stray), 0
-    for name, (count, other_count, other_examples) in zip(folders, map_fn(functools.partial(_count_folder, str(root)),
-                                                                          folders)):
+    for name, (count, other_examples) in zip(folders, map_fn(functools.partial(_count_folder, str(root)), folders)):
         folder_id = path_to_id(name)
         label = index.get(name, -1)
         if label < 0:
@@ -146,8 +139,7 @@ def _folder_shards(root: Path, class_map, shard_size: int, by_key: dict, map_fn:
         for start in range(0, count, shard_size):
             stop = min(count, start + shard_size)
             shards.append({**common, "shard_id": f"{folder_id}#{start}-{stop}/{count}", "key": folder_id,
-                           "path": str(root),
-                           "folder": name, "start": start, "stop": stop, "count": count, "label": label,
+                           "path": str(root), "folder": name, "start": start, "stop": stop, "count": count, "label": label,
                            "skip": sorted(by_key.get(folder_id, []))})
     problems = []
     if unknown:
@@ -160,10 +152,10 @@ def _folder_shards(root: Path, class_map, shard_size: int, by_key: dict, map_fn:
     return shards, list(classes), problems
 
 
-def _count_folder(root: str, name: str) -> tuple[int, int, list[str]]:
-    """(images, other files, up to 10 of the other files) of one class folder."""
+def _count_folder(root: str, name: str) -> tuple[int, list[str]]:
+    """(images, up to 10 of the other files) of one class folder."""
     images, others = class_folder_files(root, name)
-    return len(images), len(others), others[:10]
+    return len(images), others[:10]
 
 
 def read_shard(shard: dict) -> Iterator[dict]:

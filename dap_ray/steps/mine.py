@@ -274,11 +274,12 @@ def _mine(cfg: MineConfig, output: Path) -> dict:
         # With GPUs they stay a pool of 1-CPU tasks feeding the GPUs.
         ds = ds.map_batches(decode_and_resize, batch_format="pyarrow", batch_size=16, fn_kwargs={"scales": scales},
                             num_cpus=1 if on_gpu else cfg.cpus_per_actor)
+        min_actors, max_actors = actor_pool_sizes(cfg)
         ds = ds.map_batches(
             CamBoxStage,
             batch_format="pyarrow",
             batch_size=cfg.batch_size,
-            compute=ActorPoolStrategy(min_size=actor_pool_sizes(cfg)[0], max_size=actor_pool_sizes(cfg)[1]),
+            compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
             num_gpus=cfg.num_gpus_per_actor or None,
             num_cpus=cfg.cpus_per_actor,
             fn_constructor_kwargs=dict(classifier=cfg.classifier, weights=cfg.weights, num_classes=num_classes,

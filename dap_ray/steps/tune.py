@@ -173,6 +173,21 @@ def grid_tune_config(concurrent: int, seed: int, scheduler=None):
                                search_alg=BasicVariantGenerator(random_state=seed, max_concurrent=concurrent))
 
 
+def _grid_tuner(experiment: Path, trainable, space: dict, tune_config):
+    """The sweep in ``experiment`` (a folder under the run's storage) resumed, finished trials kept
+    and errored ones retried, or a new one over ``space``; each trial is retried once on failure."""
+    import ray.tune
+
+    if ray.tune.Tuner.can_restore(str(experiment)):
+        print(f"resuming the sweep in {experiment}: finished trials are kept", flush=True)
+        return ray.tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True,
+                                      resume_errored=False, restart_errored=True)
+    return ray.tune.Tuner(trainable, param_space=space, tune_config=tune_config,
+                          run_config=ray.tune.RunConfig(name=experiment.name, storage_path=str(experiment.parent),
+                                                        verbose=0,
+                                                        failure_config=ray.tune.FailureConfig(max_failures=1)))
+
+
 def tune_boxes(cfg: TuneBoxesConfig) -> dict:
     """Run the sweep (resuming one that was interrupted) and write its outputs; return the best row."""
     import ray
@@ -222,16 +237,7 @@ def tune_boxes(cfg: TuneBoxesConfig) -> dict:
                                              category_ids=category_ids)
         concurrent = cfg.max_concurrent_trials or max(1, int(ray.cluster_resources().get("CPU", 1)))
         experiment = storage / "boxes"
-        if ray.tune.Tuner.can_restore(str(experiment)):
-            print(f"resuming the sweep in {experiment}: finished trials are kept", flush=True)
-            tuner = ray.tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True,
-                                           resume_errored=False, restart_errored=True)
-        else:
-            tuner = ray.tune.Tuner(
-                trainable, param_space=space,
-                tune_config=grid_tune_config(concurrent, seed=0),
-                run_config=ray.tune.RunConfig(name="boxes", storage_path=str(storage), verbose=0,
-                                              failure_config=ray.tune.FailureConfig(max_failures=1)))
+        tuner = _grid_tuner(experiment, trainable, space, grid_tune_config(concurrent, seed=0))
         print(f"sweeping {trials} box settings over {len(cache)} images, {concurrent} trials at a time", flush=True)
         results = tuner.fit()
         rows = []
@@ -476,22 +482,14 @@ def tune_finetune(cfg: TuneFinetuneConfig) -> dict:
             experiment = storage / f"finetune_k{k}"
             print(f"K = {k}: {len(train)} training images, {len(val)} validation images, "
                   f"{len(cfg.iterations) * len(cfg.lrs)} trials", flush=True)
-            if ray.tune.Tuner.can_restore(str(experiment)):
-                print(f"resuming the sweep in {experiment}: finished trials are kept", flush=True)
-                tuner = ray.tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True,
-                                               resume_errored=False, restart_errored=True)
-            else:
-                tuner = ray.tune.Tuner(
-                    trainable,
-                    param_space={"max_iters": ray.tune.grid_search(list(cfg.iterations)),
-                                 "lr": ray.tune.grid_search(list(cfg.lrs))},
-                    # Rungs at shares of each trial's own schedule: a short schedule has decayed
-                    # its rate by its end, a long one has barely warmed up at the same iteration.
-                    tune_config=grid_tune_config(concurrent, seed=cfg.seed, scheduler=ASHAScheduler(
-                        time_attr="progress", max_t=100, grace_period=max(1, 100 // cfg.evals_per_trial),
-                        reduction_factor=2)),
-                    run_config=ray.tune.RunConfig(name=experiment.name, storage_path=str(storage), verbose=0,
-                                                  failure_config=ray.tune.FailureConfig(max_failures=1)))
+            space = {"max_iters": ray.tune.grid_search(list(cfg.iterations)),
+                     "lr": ray.tune.grid_search(list(cfg.lrs))}
+            # Rungs at shares of each trial's own schedule: a short schedule has decayed its rate by
+            # its end, a long one has barely warmed up at the same iteration.
+            scheduler = ASHAScheduler(time_attr="progress", max_t=100,
+                                      grace_period=max(1, 100 // cfg.evals_per_trial), reduction_factor=2)
+            tuner = _grid_tuner(experiment, trainable, space,
+                                grid_tune_config(concurrent, seed=cfg.seed, scheduler=scheduler))
             results = tuner.fit()
             scored = []
             for result in results:
