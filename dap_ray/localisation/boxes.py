@@ -8,10 +8,12 @@ merged by NMS.
 Box convention (the whole project): xyxy, absolute pixels of the original image, float32,
 shape (N, 4); no boxes is shape (0, 4).
 
-The implementation is vectorised over components, thresholds and maps: every
-(map, threshold) foreground mask is stacked into one tall image separated by empty rows,
-labelled by a single OpenCV call; the moments of all kept components come from the row
-and column marginals of their weights; NMS runs for all maps at once.
+The implementation is vectorised over components, thresholds and maps: every map is turned
+long side down, and every (map, threshold) foreground mask, cropped to its rows holding
+foreground, is stacked into one tall image separated by empty rows, labelled by a single
+OpenCV call; the moments of all kept components come from the row sums of their weights;
+NMS runs for all maps at once. The work follows the cells: maps of any mix of shapes pad
+only their short sides, to the widest among maps of similar short side.
 :mod:`dap_ray.localisation.boxes_reference` holds the straightforward per-component version that this
 one is tested against.
 """
@@ -47,10 +49,11 @@ PRESETS: dict[str, dict[str, object]] = {
     ),
 }
 
-# Maps processed together are padded to the largest shape among them, so a chunk holds maps
-# of similar shapes: at most _CHUNK_MAPS maps (bounds the per-component weight arrays'
-# memory) and _CHUNK_CELLS padded cells, with padding adding at most _CHUNK_PADDING - 1 of
-# the chunk's own cells. One panorama in a batch then costs its own cells, not every map's.
+# Maps processed together are stacked long side down in one image as wide as their widest
+# short side, so a chunk holds maps of similar short sides: at most _CHUNK_MAPS maps and
+# _CHUNK_CELLS padded cells (bounding the chunk's arrays), with padding adding at most
+# _CHUNK_PADDING - 1 of the chunk's own cells. One panorama in a batch then costs its own
+# cells, not every map's.
 _CHUNK_MAPS = 1024
 _CHUNK_CELLS = _CHUNK_MAPS * 18 * 24
 _CHUNK_PADDING = 1.25
@@ -192,39 +195,51 @@ def cam_to_boxes_batch(
     """
     if len(cams) != len(image_sizes):
         raise ValueError(f"got {len(cams)} cams but {len(image_sizes)} image sizes")
-    maps = [_as_map(cam, f"cams[{i}]") for i, cam in enumerate(cams)]
+    maps = [_as_map(cam, f"cams[{i}]", check_finite=False) for i, cam in enumerate(cams)]
+    if maps and not np.isfinite(np.concatenate([m.ravel() for m in maps])).all():
+        for i, m in enumerate(maps):
+            _as_map(m, f"cams[{i}]")
     sizes = _as_sizes(image_sizes, "image_sizes")
+    chunks = _similar_shape_chunks([m.shape for m in maps])
+    if len(chunks) == 1:
+        return _boxes_for_maps([maps[i] for i in chunks[0]], sizes[chunks[0]], config)
     out: list[tuple[np.ndarray, np.ndarray]] = [empty_boxes()] * len(maps)
-    for chunk in _similar_shape_chunks([m.shape for m in maps]):
+    for chunk in chunks:
         for i, result in zip(chunk, _boxes_for_maps([maps[i] for i in chunk], sizes[chunk], config)):
             out[i] = result
     return out
 
 
 def _similar_shape_chunks(shapes: Sequence[tuple[int, int]]) -> list[list[int]]:
-    """Indices of maps to process together, grouped by shape (see ``_CHUNK_PADDING``)."""
+    """Indices of maps to process together (see ``_CHUNK_PADDING``).
+
+    Maps are packed long side down, one under another, so only their short sides pad (to the
+    chunk's widest); maps are grouped by short side, and long sides cost nothing extra.
+    """
     if not shapes:
         return []
-    heights, widths = np.asarray(shapes, np.int64).T
+    sides = np.asarray(shapes, np.int64)
+    short, long = sides.min(axis=1), sides.max(axis=1)
+    if len(shapes) <= _CHUNK_MAPS and (short == short[0]).all() and int(long.sum() * short[0]) <= _CHUNK_CELLS:
+        return [list(range(len(shapes)))]
     chunks: list[list[int]] = []
     current: list[int] = []
-    hmax = wmax = cells = 0
-    for i in np.lexsort((widths, heights)).tolist():
-        h, w = int(heights[i]), int(widths[i])
-        grown_h, grown_w = max(hmax, h), max(wmax, w)
-        padded = (len(current) + 1) * grown_h * grown_w
+    cells = rows = 0
+    for i in np.argsort(short, kind="stable").tolist():
+        s, n = int(short[i]), int(long[i])
+        padded = (rows + n) * s  # sorted by short side: this map's is the widest so far
         if current and (len(current) >= _CHUNK_MAPS or padded > _CHUNK_CELLS
-                        or padded > _CHUNK_PADDING * (cells + h * w)):
+                        or padded > _CHUNK_PADDING * (cells + s * n)):
             chunks.append(current)
-            current, cells, grown_h, grown_w = [], 0, h, w
+            current, cells, rows = [], 0, 0
         current.append(i)
-        cells += h * w
-        hmax, wmax = grown_h, grown_w
+        cells += s * n
+        rows += n
     chunks.append(current)
     return chunks
 
 
-def _as_map(cam: object, name: str) -> np.ndarray:
+def _as_map(cam: object, name: str, check_finite: bool = True) -> np.ndarray:
     try:
         array = np.asarray(cam, dtype=np.float32)
     except (TypeError, ValueError):
@@ -233,7 +248,7 @@ def _as_map(cam: object, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be a 2-D map (h, w), got shape {array.shape}")
     if array.size == 0:
         raise ValueError(f"{name} is empty (shape {array.shape})")
-    if not np.isfinite(array).all():
+    if check_finite and not np.isfinite(array).all():
         raise ValueError(f"{name} contains NaN or Inf")
     return array
 
@@ -263,77 +278,115 @@ def _boxes_for_maps(
     thresholds = np.asarray(config.thresholds, np.float32)
     num_thr = len(thresholds)
 
-    # All maps padded to one (hmax, wmax) frame; padding is never foreground.
-    shapes = np.array([m.shape for m in maps])
-    hmax, wmax = (int(v) for v in shapes.max(axis=0))
-    if (shapes == (hmax, wmax)).all():
-        stack = np.stack(maps)
-        fg = stack[:, None] > thresholds[None, :, None, None]
+    # Every map long side down: maps wider than tall are transposed ("flipped"), then all
+    # are stacked into one column of rows as wide as the widest short side. The padding
+    # is 0, never above a threshold (thresholds are >= 0 and foreground is strictly above).
+    flipped = np.array([m.shape[1] > m.shape[0] for m in maps])
+    oriented = [m.T if f else m for m, f in zip(maps, flipped)]
+    heights = np.array([m.shape[0] for m in oriented], np.int64)
+    widths = np.array([m.shape[1] for m in oriented], np.int64)
+    width = int(widths.max())
+    offsets = np.cumsum(heights) - heights
+    total_rows = int(heights.sum())
+    if (widths == width).all():
+        stack = np.concatenate(oriented)
     else:
-        stack = np.zeros((num_maps, hmax, wmax), np.float32)
-        inside = np.zeros((num_maps, hmax, wmax), bool)
-        for i, m in enumerate(maps):
-            stack[i, : m.shape[0], : m.shape[1]] = m
-            inside[i, : m.shape[0], : m.shape[1]] = True
-        fg = (stack[:, None] > thresholds[None, :, None, None]) & inside[:, None]
+        stack = np.zeros((total_rows, width), np.float32)
+        for m, offset in zip(oriented, offsets.tolist()):
+            stack[offset : offset + m.shape[0], : m.shape[1]] = m
+    fg = stack[None] > thresholds[:, None, None]
 
-    # One block per (map, threshold), each followed by an empty row so that no
-    # component crosses blocks; one labelling call for the whole chunk.
-    block_h = hmax + 1
-    tall = np.zeros((num_maps * num_thr, block_h, wmax), np.uint8)
-    tall[:, :hmax] = fg.reshape(num_maps * num_thr, hmax, wmax)
+    # One block per (map, threshold) holding foreground, cropped to its rows with any and
+    # followed by an empty row so that no component crosses blocks; blocks in (map,
+    # threshold) order; one labelling call for the whole chunk.
+    row_any = stack.max(axis=1)[None] > thresholds[:, None]
+    row_index = np.arange(total_rows)
+    first = np.minimum.reduceat(np.where(row_any, row_index, total_rows), offsets, axis=1).T.ravel()
+    last = np.maximum.reduceat(np.where(row_any, row_index, -1), offsets, axis=1).T.ravel()
+    block_ids = np.flatnonzero(last >= 0)  # map * num_thr + threshold index
+    if len(block_ids) == 0:
+        return [empty_boxes() for _ in range(num_maps)]
+    block_first = first[block_ids]
+    lengths = last[block_ids] - block_first + 2
+    starts = np.cumsum(lengths) - lengths
+    num_rows = int(lengths.sum())
+    within = np.arange(num_rows) - np.repeat(starts, lengths)
+    gap = within == np.repeat(lengths - 1, lengths)
+    source_row = np.where(gap, 0, np.repeat(block_first, lengths) + within)
+    tall = fg.reshape(num_thr * total_rows, width)[source_row + np.repeat(block_ids % num_thr * total_rows, lengths)]
+    tall[gap] = False
     num_labels, labels, stats, _ = cv2.connectedComponentsWithStats(
-        tall.reshape(-1, wmax), connectivity=4, ltype=cv2.CV_32S
+        tall.view(np.uint8), connectivity=4, ltype=cv2.CV_32S
     )
     if num_labels <= 1:
         return [empty_boxes() for _ in range(num_maps)]
-    left, top, width, height, cells = (stats[1:, j].astype(np.int64) for j in range(5))
-    block = top // block_h
-    top = top - block * block_h
+    left, top, comp_w, comp_h, cells = (stats[1:, j].astype(np.int64) for j in range(5))
+    block_position = np.searchsorted(starts, top, side="right") - 1
+    block = block_ids[block_position]
 
-    # Rank components within their block; keep while size >= half the largest's.
-    size = width * height if config.size_measure == "rectangle" else cells
-    label_order = np.arange(len(size))
-    tie = -label_order if config.ties_later_first else label_order
-    order = np.lexsort((tie, -size, block))
+    # Rank components within their block; keep while size >= half the largest's. Ties
+    # go by raster order in the map as given, which labelling order is, except in flipped
+    # maps (column order there): those ties are re-keyed below.
+    size = comp_w * comp_h if config.size_measure == "rectangle" else cells
+    raster = np.arange(len(size))
+    order = np.lexsort((-raster if config.ties_later_first else raster, -size, block))
     block_sorted, size_sorted = block[order], size[order]
+    same = (block_sorted[1:] == block_sorted[:-1]) & (size_sorted[1:] == size_sorted[:-1])
+    if same.any():
+        tied = np.zeros(len(order), bool)
+        tied[1:] |= same
+        tied[:-1] |= same
+        rekey = order[tied & flipped[block_sorted // num_thr]]
+        if len(rekey):
+            for k in rekey.tolist():
+                column = labels[top[k] : top[k] + comp_h[k], left[k]]
+                raster[k] = left[k] * num_rows + top[k] + int(np.argmax(column == k + 1))
+            order = np.lexsort((-raster if config.ties_later_first else raster, -size, block))
+            block_sorted, size_sorted = block[order], size[order]
     position = np.arange(len(order))
-    starts = np.r_[True, block_sorted[1:] != block_sorted[:-1]]
-    group_start = np.maximum.accumulate(np.where(starts, position, 0))
+    starts_group = np.r_[True, block_sorted[1:] != block_sorted[:-1]]
+    group_start = np.maximum.accumulate(np.where(starts_group, position, 0))
     keep = 2 * size_sorted >= size_sorted[group_start]
     if config.max_components is not None:
         keep &= (position - group_start) < config.max_components
     comp = order[keep]
-    comp_block = block[comp]
-    r0, c0 = top[comp], left[comp]
-    r1, c1 = r0 + height[comp], c0 + width[comp]
+    map_index = block[comp] // num_thr
 
-    # Weighted moments on the cell-index grid of each kept component's map, from the
-    # row and column marginals of its weights (only kept components are touched).
-    rows = np.arange(hmax, dtype=np.float64)
-    cols = np.arange(wmax, dtype=np.float64)
+    # Weighted moments of each kept component over its own rows only: per row, the sums of
+    # w, w*col and w*col^2 over the region's cells, then per component over its rows (which
+    # are consecutive), with y the row in the map.
+    rows_per_comp = comp_h[comp]
+    row_starts = np.cumsum(rows_per_comp) - rows_per_comp
+    comp_of_row = np.repeat(np.arange(len(comp)), rows_per_comp)
+    rows = np.arange(len(comp_of_row)) + np.repeat(top[comp] - row_starts, rows_per_comp)
+    cols = np.arange(width)
     if config.moment_region == "rectangle":
-        in_rows = (rows >= r0[:, None]) & (rows < r1[:, None])
+        c0, c1 = left[comp], left[comp] + comp_w[comp]
         in_cols = (cols >= c0[:, None]) & (cols < c1[:, None])
-        region = fg.reshape(-1, hmax, wmax)[comp_block] & in_rows[:, :, None] & in_cols[:, None, :]
+        region = tall[rows] & in_cols[comp_of_row]
     else:
-        block_labels = labels.reshape(-1, block_h, wmax)[comp_block, :hmax]
-        region = block_labels == (comp + 1)[:, None, None]
-    weight = (stack[comp_block // num_thr] + np.float32(config.moment_bias)) * region
-    # Marginals of at most hmax or wmax float32 terms stay exact to ~1e-7; the moments
-    # themselves, with their cancellation in E[x^2] - E[x]^2, are taken in float64.
-    col_sums = weight.sum(axis=1, dtype=np.float64)
-    row_sums = weight.sum(axis=2, dtype=np.float64)
-    s0, sx, sxx = col_sums.sum(axis=1), col_sums @ cols, col_sums @ (cols * cols)
-    sy, syy = row_sums @ rows, row_sums @ (rows * rows)
-    cx, cy = sx / s0, sy / s0
-    box_w = np.maximum(1.0, np.sqrt(12.0 * np.maximum(sxx / s0 - cx * cx, 0.0)))
-    box_h = np.maximum(1.0, np.sqrt(12.0 * np.maximum(syy / s0 - cy * cy, 0.0)))
+        region = labels[rows] == (comp + 1)[comp_of_row][:, None]
+    weight = (stack + np.float32(config.moment_bias))[source_row[rows]]
+    weight *= region
+    position = block_position[comp]
+    map_top = starts[position] - block_first[position] + offsets[map_index]
+    y = (rows - np.repeat(map_top, rows_per_comp)).astype(np.float64)
+    # In float64: float32 row sums move a small box's area by ~1e-4 relative.
+    per_row = np.empty((len(rows), 5))
+    per_row[:, :3] = weight.astype(np.float64) @ np.stack([np.ones(width), cols, cols * cols], axis=1)
+    per_row[:, 3] = per_row[:, 0] * y
+    per_row[:, 4] = per_row[:, 3] * y
+    s0, sc, scc, sr, srr = np.add.reduceat(per_row, row_starts, axis=0).T
+    mean_c, mean_r = sc / s0, sr / s0
+    side_c = np.maximum(1.0, np.sqrt(12.0 * np.maximum(scc / s0 - mean_c * mean_c, 0.0)))
+    side_r = np.maximum(1.0, np.sqrt(12.0 * np.maximum(srr / s0 - mean_r * mean_r, 0.0)))
+    flip = flipped[map_index]
+    cx, cy = np.where(flip, mean_r, mean_c), np.where(flip, mean_c, mean_r)
+    box_w, box_h = np.where(flip, side_r, side_c), np.where(flip, side_c, side_r)
     x1 = cx + 0.5 - box_w / 2
     y1 = cy + 0.5 - box_h / 2
 
     # Cells to original-image pixels, then clip.
-    map_index = comp_block // num_thr
     img_w, img_h = sizes[map_index, 0], sizes[map_index, 1]
     cell = config.stride * np.minimum(img_w, img_h) / config.scale
     boxes = np.stack([x1 * cell, y1 * cell, (x1 + box_w) * cell, (y1 + box_h) * cell], axis=1)
@@ -389,5 +442,5 @@ def _nms_by_map(
 
     kept_flat = kept[map_index, slot]
     boxes32, scores32 = boxes[kept_flat].astype(np.float32), scores[kept_flat].astype(np.float32)
-    bounds = np.cumsum(np.bincount(map_index[kept_flat], minlength=num_maps))[:-1]
-    return list(zip(np.split(boxes32, bounds), np.split(scores32, bounds)))
+    ends = np.cumsum(np.bincount(map_index[kept_flat], minlength=num_maps)).tolist()
+    return [(boxes32[s:e], scores32[s:e]) for s, e in zip([0] + ends[:-1], ends)]
