@@ -50,24 +50,45 @@ def test_torchvision_resnet_keys_become_detectron2_names(arch):
 
 
 @pytest.mark.skipif(not HAS_DETECTRON2, reason="detectron2 is not installed (it is built from source; see README)")
-def test_detectron2_backend_trains_and_writes_a_checkpoint(pseudo_run, ray_session, tmp_path):
+def test_detectron2_backend_trains_writes_a_checkpoint_and_a_killed_run_resumes(pseudo_run, ray_session, tmp_path,
+                                                                                 capfd):
     from dap_ray.steps.pretrain import PretrainConfig, pretrain
 
     boxes_dir, _, _ = pseudo_run
-    meta = pretrain(PretrainConfig(boxes=str(boxes_dir), output=str(tmp_path / "run"), backbone="resnet18",
-                                   backend="detectron2", max_iters=2, checkpoint_every=1, batch_size=2,
-                                   min_sizes=(32, 48), max_size=96, loader_workers=0))
+    run = tmp_path / "run"
+    cfg = PretrainConfig(boxes=str(boxes_dir), output=str(run), backbone="resnet18", backend="detectron2",
+                         max_iters=3, checkpoint_every=1, batch_size=2, min_sizes=(32, 48), max_size=96,
+                         loader_workers=0)
+    meta = pretrain(cfg)
     assert meta["backend"] == "detectron2" and meta["num_classes"] == 4
-    assert torch.load(tmp_path / "run" / "detector_final_d2.pth", weights_only=True)
-    assert [h["iteration"] for h in meta["history"]] == [2] and meta["last_loss"] > 0
+    assert torch.load(run / "detector_final_d2.pth", weights_only=True)
+    assert [h["iteration"] for h in meta["history"]] == [3] and meta["last_loss"] > 0
     # The same weights in torchvision's names: Step 4 starts from either backend.
     from dap_ray.models.detectors import build_detector, initialise
 
-    state = torch.load(tmp_path / "run" / "detector_final.pt", weights_only=True)
+    state = torch.load(run / "detector_final.pt", weights_only=True)
     build_detector("faster_rcnn_fpn", "resnet18", 3).load_state_dict(state, strict=True)
-    report = initialise(build_detector("faster_rcnn_fpn", "resnet18", 5), f"dap:{tmp_path / 'run'}",
+    report = initialise(build_detector("faster_rcnn_fpn", "resnet18", 5), f"dap:{run}",
                         detector="faster_rcnn_fpn", backbone="resnet18")
     assert report["fresh_layers"] and report["modules"]["backbone.fpn"]["fresh"] == 0
+
+    # What a run killed in iteration 3 leaves: detectron2's checkpoints of iterations 1 and 2, no
+    # final files, no logged metrics (detectron2 logs every 20 iterations and at the end).
+    checkpoints = run / "detectron2"
+    for path in [checkpoints / "model_final.pth", checkpoints / "model_0000002.pth", checkpoints / "metrics.json",
+                 run / "detector_final_d2.pth", run / "detector_final.pt", run / "meta.json"]:
+        path.unlink()
+    (checkpoints / "last_checkpoint").write_text("model_0000001.pth")
+    after_two = torch.load(checkpoints / "model_0000001.pth", weights_only=False)["model"]
+    capfd.readouterr()
+    meta = pretrain(cfg)
+    out = capfd.readouterr()
+    assert "resuming at iteration 2/3" in out.out + out.err
+    assert [h["iteration"] for h in meta["history"]] == [3]
+    final = torch.load(run / "detector_final_d2.pth", weights_only=True)
+    moved = [k for k in after_two if k.startswith("roi_heads") and not torch.equal(final[k], after_two[k])]
+    assert moved  # one more step from the iteration-2 weights
+    assert (run / "detector_final.pt").is_file()
 
 
 @pytest.mark.parametrize("max_iters", [1, 2, 3, 10, 40038])
@@ -122,28 +143,41 @@ def test_detector_weights_rename_both_ways():
             assert torch.equal(back[key], value), key
 
 
+def _detector_pair(seed: int = 0):
+    """A torchvision Faster R-CNN (resnet18, 3 classes, test size 128) and detectron2's model of the
+    same architecture, both in eval mode, the second holding the first's weights renamed."""
+    from dap_ray.models.detectors import build_detector
+    from dap_ray.models.detectron2_names import torchvision_detector_to_detectron2
+    from dap_ray.steps.pretrain.detectron2_backend import build_detectron2_model, detectron2_architecture
+
+    torch.manual_seed(seed)
+    tv = build_detector("faster_rcnn_fpn", "resnet18", 3, min_size=(128,)).eval()
+    with torch.no_grad():  # scores spread well apart, so that no near-tie decides what is kept
+        tv.roi_heads.box_predictor.cls_score.weight.mul_(4)
+        tv.rpn.head.cls_logits.weight.mul_(4)
+    d2 = build_detectron2_model(detectron2_architecture("faster_rcnn_fpn", "resnet18", 3)).eval()
+    missing, unexpected = d2.load_state_dict(torchvision_detector_to_detectron2(tv.state_dict()), strict=False)
+    assert not unexpected and all(k.startswith("pixel_") for k in missing)
+    return tv, d2
+
+
+def _detections(tv, d2, image):
+    """Both models' detections on one (3, H, W) image in [0, 1] whose short side is the test size,
+    so that neither resizes it: (boxes, scores, 0-based labels) each, highest score first."""
+    with torch.no_grad():
+        ours = tv([image])[0]
+        theirs = d2([{"image": image * 255, "height": image.shape[1], "width": image.shape[2]}])[0]["instances"]
+    return ((ours["boxes"], ours["scores"], ours["labels"] - 1),
+            (theirs.pred_boxes.tensor, theirs.scores, theirs.pred_classes))
+
+
 @pytest.mark.skipif(not HAS_DETECTRON2, reason="detectron2 is not installed (it is built from source; see README)")
 def test_a_renamed_detector_computes_the_same_in_detectron2():
     """The renaming checked for real: the same features, RPN outputs and box-head scores and deltas
     in detectron2's model as in torchvision's, on the same image and boxes."""
-    from detectron2.config import get_cfg
-    from detectron2.modeling import build_model
     from detectron2.structures import Boxes
 
-    from dap_ray.models.detectors import build_detector
-    from dap_ray.models.detectron2_names import torchvision_detector_to_detectron2
-    from dap_ray.steps.pretrain.detectron2_backend import _zoo_config
-
-    torch.manual_seed(0)
-    tv = build_detector("faster_rcnn_fpn", "resnet18", 3).eval()
-    cfg = get_cfg()
-    cfg.merge_from_file(str(_zoo_config("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml")))
-    cfg.MODEL.RESNETS.DEPTH, cfg.MODEL.RESNETS.RES2_OUT_CHANNELS, cfg.MODEL.RESNETS.STRIDE_IN_1X1 = 18, 64, False
-    cfg.MODEL.ROI_HEADS.NUM_CLASSES, cfg.MODEL.DEVICE = 3, "cpu"
-    cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE, cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO = "ROIAlign", 2  # torchvision's
-    d2 = build_model(cfg).eval()
-    missing, unexpected = d2.load_state_dict(torchvision_detector_to_detectron2(tv.state_dict()), strict=False)
-    assert not unexpected and all(k.startswith(("pixel_", "proposal_generator.anchor_generator")) for k in missing)
+    tv, d2 = _detector_pair()
     image = torch.rand(1, 3, 128, 160)
     with torch.no_grad():
         normalised = (image - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / \
@@ -157,6 +191,9 @@ def test_a_renamed_detector_computes_the_same_in_detectron2():
         d2_objectness, d2_deltas = d2.proposal_generator.rpn_head(theirs)
         for a, b in zip(objectness + deltas, d2_objectness + d2_deltas):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        tv_anchors = tv.rpn.anchor_generator.cell_anchors
+        for a, b in zip(tv_anchors, d2.proposal_generator.anchor_generator.cell_anchors):
+            torch.testing.assert_close(a, b)  # rounded to whole pixels, as torchvision's
         boxes = torch.tensor([[10.0, 12.0, 70.0, 90.0], [0.0, 0.0, 160.0, 128.0], [40.0, 30.0, 56.0, 50.0]])
         pooled = tv.roi_heads.box_roi_pool(dict(zip(["0", "1", "2", "3"], ours[:4])), [boxes], [(128, 160)])
         scores, regression = tv.roi_heads.box_predictor(tv.roi_heads.box_head(pooled))
@@ -164,3 +201,29 @@ def test_a_renamed_detector_computes_the_same_in_detectron2():
         d2_scores, d2_deltas = d2.roi_heads.box_predictor(d2.roi_heads.box_head(d2_pooled))
         torch.testing.assert_close(torch.cat([scores[:, 1:], scores[:, :1]], 1), d2_scores, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(regression[:, 4:], d2_deltas, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not HAS_DETECTRON2, reason="detectron2 is not installed (it is built from source; see README)")
+@pytest.mark.parametrize("direction", ["torchvision to detectron2", "detectron2 to torchvision"])
+def test_renamed_weights_give_the_same_detections_in_both_libraries(pseudo_run, direction):
+    """Whole detectors, end to end (proposals, pooling, NMS, per-class boxes) on sample images:
+    torchvision's weights run by detectron2, and detectron2's weights run by torchvision."""
+    from dap_ray.data.images import decode_image
+    from dap_ray.models.detectors import build_detector
+    from dap_ray.models.detectron2_names import detectron2_detector_to_torchvision
+
+    tv, d2 = _detector_pair()
+    if direction == "detectron2 to torchvision":
+        tv = build_detector("faster_rcnn_fpn", "resnet18", 3, min_size=(128,)).eval()
+        tv.load_state_dict(detectron2_detector_to_torchvision(d2.state_dict()), strict=True)
+    _, sample, _ = pseudo_run
+    paths = sorted((sample / "images").rglob("*.jpg"))[:3]
+    for path in paths:
+        pixels = torch.from_numpy(decode_image(path.read_bytes())).permute(2, 0, 1).float() / 255
+        image = torch.nn.functional.interpolate(pixels[None], size=(128, 160), mode="bilinear")[0]
+        (boxes, scores, labels), (d2_boxes, d2_scores, d2_labels) = _detections(tv, d2, image)
+        assert len(boxes) > 10, "too few detections to compare"
+        assert len(boxes) == len(d2_boxes)
+        torch.testing.assert_close(scores, d2_scores, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(labels, d2_labels)
+        torch.testing.assert_close(boxes, d2_boxes, rtol=0, atol=1e-2)

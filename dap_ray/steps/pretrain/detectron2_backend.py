@@ -28,7 +28,8 @@ import torch
 from dap_ray.data.sources import id_to_path
 from dap_ray.models.detectron2_names import torchvision_to_detectron2
 
-__all__ = ["INSTALL_HINT", "require_detectron2", "to_detectron2_dicts", "train_detectron2"]
+__all__ = ["INSTALL_HINT", "build_detectron2_model", "detectron2_architecture", "require_detectron2",
+           "to_detectron2_dicts", "train_detectron2"]
 
 INSTALL_HINT = (
     "--backend detectron2 needs detectron2, which is not on the package registry: build it from source "
@@ -85,30 +86,68 @@ def _zoo_config(name: str) -> Path:
     return path
 
 
-def _detectron2_config(cfg, num_classes: int, output: Path, weights_file: str | None):
+def detectron2_architecture(detector: str, backbone: str, num_classes: int, *, trainable_layers: int = 3,
+                            device: str = "cpu"):
+    """detectron2's config (a ``CfgNode``) for the detector that
+    :func:`dap_ray.models.detectors.build_detector` builds in torchvision, so that weights
+    convert both ways (:mod:`dap_ray.models.detectron2_names`) and compute the same; build it
+    with :func:`build_detectron2_model`. ``num_classes`` excludes background."""
+    require_detectron2()
     from detectron2.config import get_cfg
 
-    from dap_ray.models.training import step_iterations
-
+    _check_supported(detector, backbone)
     d2 = get_cfg()
-    d2.merge_from_file(str(_zoo_config(_CONFIGS[cfg.detector])))
-    d2.MODEL.RESNETS.DEPTH = _DEPTHS[cfg.backbone]
-    if _DEPTHS[cfg.backbone] < 50:
+    d2.merge_from_file(str(_zoo_config(_CONFIGS[detector])))
+    d2.MODEL.RESNETS.DEPTH = _DEPTHS[backbone]
+    if _DEPTHS[backbone] < 50:
         d2.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
     d2.MODEL.RESNETS.STRIDE_IN_1X1 = False  # torchvision's ResNet puts the stride in the 3x3
-    d2.MODEL.BACKBONE.FREEZE_AT = max(0, 5 - cfg.trainable_layers)
+    d2.MODEL.BACKBONE.FREEZE_AT = max(0, 5 - trainable_layers)
     d2.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
     d2.MODEL.RETINANET.NUM_CLASSES = num_classes
-    d2.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = cfg.roi_batch_size_per_image
     # torchvision's box pooler (MultiScaleRoIAlign: aligned=False, sampling ratio 2), so that the
     # two backends train one architecture and their weights convert both ways.
     d2.MODEL.ROI_BOX_HEAD.POOLER_TYPE = "ROIAlign"
     d2.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO = 2
-    d2.MODEL.WEIGHTS = weights_file or ""
-    d2.MODEL.DEVICE = "cuda" if cfg.use_gpu else "cpu"
+    d2.MODEL.DEVICE = device
     d2.INPUT.FORMAT = "RGB"
-    d2.MODEL.PIXEL_MEAN = [123.675, 116.28, 103.53]
+    d2.MODEL.PIXEL_MEAN = [123.675, 116.28, 103.53]  # torchvision's ImageNet mean and std, in 0-255
     d2.MODEL.PIXEL_STD = [58.395, 57.12, 57.375]
+    return d2
+
+
+def _check_supported(detector: str, backbone: str) -> None:
+    if detector not in _CONFIGS:
+        raise ValueError(f"--backend detectron2 supports detectors {sorted(_CONFIGS)}, got {detector!r}")
+    if backbone not in _DEPTHS:
+        raise ValueError(f"--backend detectron2 supports backbones {sorted(_DEPTHS)}, got {backbone!r}")
+
+
+def build_detectron2_model(d2_config):
+    """``detectron2.modeling.build_model`` with torchvision's anchors.
+
+    torchvision rounds its cell anchors to whole pixels (a 32-pixel anchor of aspect 0.5 is
+    46 x 22, not 45.25 x 22.63); detectron2 does not. The anchors are buffers outside the
+    checkpoint, so they are set here, for training and inference alike.
+    """
+    from detectron2.modeling import build_model
+
+    model = build_model(d2_config)
+    generator = getattr(model, "proposal_generator", None)
+    generator = generator.anchor_generator if generator is not None else model.anchor_generator
+    with torch.no_grad():
+        for cell_anchors in generator.cell_anchors:
+            cell_anchors.copy_(cell_anchors.round())
+    return model
+
+
+def _detectron2_config(cfg, num_classes: int, output: Path, weights_file: str | None):
+    from dap_ray.models.training import step_iterations
+
+    d2 = detectron2_architecture(cfg.detector, cfg.backbone, num_classes, trainable_layers=cfg.trainable_layers,
+                                 device="cuda" if cfg.use_gpu else "cpu")
+    d2.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = cfg.roi_batch_size_per_image
+    d2.MODEL.WEIGHTS = weights_file or ""
     d2.INPUT.MIN_SIZE_TRAIN = tuple(cfg.min_sizes)
     d2.INPUT.MIN_SIZE_TRAIN_SAMPLING = "choice"
     d2.INPUT.MAX_SIZE_TRAIN = cfg.max_size
@@ -181,11 +220,17 @@ def _train_loop(loop_config: dict) -> None:
 
     class Trainer(DefaultTrainer):
         @classmethod
+        def build_model(cls, config):
+            return build_detectron2_model(config)
+
+        @classmethod
         def build_train_loader(cls, config):
             return build_detection_train_loader(config, mapper=mapper)
 
     trainer = Trainer(d2)
     trainer.resume_or_load(resume=True)
+    if trainer.start_iter > 0 and comm.is_main_process():
+        print(f"resuming at iteration {trainer.start_iter}/{cfg.max_iters} from the last checkpoint", flush=True)
     trainer.train()
     if comm.is_main_process():
         torch.save(unwrap_ddp(trainer.model).state_dict(), Path(loop_config["output"]) / "detector_final_d2.pth")
@@ -199,8 +244,7 @@ def train_detectron2(cfg, pseudo, classes: list[str], output: Path) -> dict:
     from dap_ray.models.classifiers import load_classifier
     from dap_ray.steps.ray_setup import cpus_per_worker, fit_torch_trainer, init_ray, run_storage
 
-    if cfg.backbone not in _DEPTHS:
-        raise ValueError(f"--backend detectron2 supports backbones {sorted(_DEPTHS)}, got {cfg.backbone!r}")
+    _check_supported(cfg.detector, cfg.backbone)
     weights_file = None
     if cfg.backbone_weights:
         trunk = load_classifier(cfg.backbone, cfg.backbone_weights)
