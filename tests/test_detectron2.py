@@ -56,13 +56,15 @@ def test_detectron2_backend_trains_writes_a_checkpoint_and_a_killed_run_resumes(
 
     boxes_dir, _, _ = pseudo_run
     run = tmp_path / "run"
+    # Two workers on the CPU, as jobs/pretrain.py's embedded default runs: detectron2 wrapped them
+    # for DDP with GPU device ids and every worker failed.
     cfg = PretrainConfig(boxes=str(boxes_dir), output=str(run), backbone="resnet18", backend="detectron2",
-                         max_iters=3, checkpoint_every=1, batch_size=2, min_sizes=(32, 48), max_size=96,
-                         loader_workers=0)
+                         max_iters=2, checkpoint_every=1, batch_size=1, num_workers=2, min_sizes=(32, 48),
+                         max_size=96, loader_workers=0)
     meta = pretrain(cfg)
     assert meta["backend"] == "detectron2" and meta["num_classes"] == 4
     assert torch.load(run / "detector_final_d2.pth", weights_only=True)
-    assert [h["iteration"] for h in meta["history"]] == [3] and meta["last_loss"] > 0
+    assert [h["iteration"] for h in meta["history"]] == [2] and meta["last_loss"] > 0
     # The same weights in torchvision's names: Step 4 starts from either backend.
     from dap_ray.models.detectors import build_detector, initialise
 
@@ -72,22 +74,22 @@ def test_detectron2_backend_trains_writes_a_checkpoint_and_a_killed_run_resumes(
                         detector="faster_rcnn_fpn", backbone="resnet18")
     assert report["fresh_layers"] and report["modules"]["backbone.fpn"]["fresh"] == 0
 
-    # What a run killed in iteration 3 leaves: detectron2's checkpoints of iterations 1 and 2, no
-    # final files, no logged metrics (detectron2 logs every 20 iterations and at the end).
+    # What a run killed in iteration 2 leaves: detectron2's checkpoint of iteration 1, no final
+    # files, no logged metrics (detectron2 logs every 20 iterations and at the end).
     checkpoints = run / "detectron2"
-    for path in [checkpoints / "model_final.pth", checkpoints / "model_0000002.pth", checkpoints / "metrics.json",
+    for path in [checkpoints / "model_final.pth", checkpoints / "model_0000001.pth", checkpoints / "metrics.json",
                  run / "detector_final_d2.pth", run / "detector_final.pt", run / "meta.json"]:
         path.unlink()
-    (checkpoints / "last_checkpoint").write_text("model_0000001.pth")
-    after_two = torch.load(checkpoints / "model_0000001.pth", weights_only=False)["model"]
+    (checkpoints / "last_checkpoint").write_text("model_0000000.pth")
+    after_one = torch.load(checkpoints / "model_0000000.pth", weights_only=False)["model"]
     capfd.readouterr()
     meta = pretrain(cfg)
     out = capfd.readouterr()
-    assert "resuming at iteration 2/3" in out.out + out.err
-    assert [h["iteration"] for h in meta["history"]] == [3]
+    assert "resuming at iteration 1/2" in out.out + out.err
+    assert [h["iteration"] for h in meta["history"]] == [2]
     final = torch.load(run / "detector_final_d2.pth", weights_only=True)
-    moved = [k for k in after_two if k.startswith("roi_heads") and not torch.equal(final[k], after_two[k])]
-    assert moved  # one more step from the iteration-2 weights
+    moved = [k for k in after_one if k.startswith("roi_heads") and not torch.equal(final[k], after_one[k])]
+    assert moved  # one more step from the iteration-1 weights
     assert (run / "detector_final.pt").is_file()
 
 

@@ -296,7 +296,7 @@ def _boxes_for_maps(
             stack[offset : offset + m.shape[0], : m.shape[1]] = m
     fg = stack[None] > thresholds[:, None, None]
 
-    # One block per (map, threshold) holding foreground, cropped to its rows with any and
+    # One block per (map, threshold) holding foreground, cropped to the rows holding any and
     # followed by an empty row so that no component crosses blocks; blocks in (map,
     # threshold) order; one labelling call for the whole chunk.
     row_any = stack.max(axis=1)[None] > thresholds[:, None]
@@ -324,9 +324,9 @@ def _boxes_for_maps(
     block_position = np.searchsorted(starts, top, side="right") - 1
     block = block_ids[block_position]
 
-    # Rank components within their block; keep while size >= half the largest's. Ties
-    # go by raster order in the map as given, which labelling order is, except in flipped
-    # maps (column order there): those ties are re-keyed below.
+    # Rank components within their block; keep while size >= half the largest's. Ties go
+    # by raster order in the map as given; labelling order is that, except in flipped maps,
+    # where it is the map's column order: ties there are re-keyed.
     size = comp_w * comp_h if config.size_measure == "rectangle" else cells
     raster = np.arange(len(size))
     order = np.lexsort((-raster if config.ties_later_first else raster, -size, block))
@@ -368,8 +368,8 @@ def _boxes_for_maps(
         region = labels[rows] == (comp + 1)[comp_of_row][:, None]
     weight = (stack + np.float32(config.moment_bias))[source_row[rows]]
     weight *= region
-    position = block_position[comp]
-    map_top = starts[position] - block_first[position] + offsets[map_index]
+    comp_block = block_position[comp]
+    map_top = starts[comp_block] - block_first[comp_block] + offsets[map_index]
     y = (rows - np.repeat(map_top, rows_per_comp)).astype(np.float64)
     # In float64: float32 row sums move a small box's area by ~1e-4 relative.
     per_row = np.empty((len(rows), 5))

@@ -187,6 +187,7 @@ def _train_loop(loop_config: dict) -> None:
     from detectron2.data import transforms as T
     from detectron2.engine import DefaultTrainer
     from detectron2.utils import comm
+    from detectron2.utils.env import seed_all_rng
 
     from dap_ray.data.images import decode_image
     from dap_ray.data.pseudo_boxes import load_pseudo_boxes
@@ -198,6 +199,13 @@ def _train_loop(loop_config: dict) -> None:
     context = ray.train.get_context()
     if context.get_world_size() > 1:
         comm.create_local_process_group(context.get_local_world_size())
+        if not cfg.use_gpu:
+            # DefaultTrainer wraps the model for DDP with device_ids=[local rank], which only a
+            # model on a GPU takes ("device_ids ... only work with single-device ... modules").
+            from detectron2.engine import defaults
+
+            wrap = defaults.create_ddp_model
+            defaults.create_ddp_model = lambda model, **kwargs: wrap(model, **{"device_ids": None, **kwargs})
     pseudo = load_pseudo_boxes(cfg.boxes, cfg.max_boxes_per_image)
     dicts = to_detectron2_dicts(pseudo, cfg.input, cfg.format)
     if "dap_pseudo_boxes" not in DatasetCatalog.list():
@@ -227,6 +235,9 @@ def _train_loop(loop_config: dict) -> None:
         def build_train_loader(cls, config):
             return build_detection_train_loader(config, mapper=mapper)
 
+    # The initial weights and the augmentations' draws come from the run's seed, as on the
+    # torchvision path (detectron2 seeds only in its default_setup, which is not used here).
+    seed_all_rng(cfg.seed + context.get_world_rank())
     trainer = Trainer(d2)
     trainer.resume_or_load(resume=True)
     if trainer.start_iter > 0 and comm.is_main_process():
