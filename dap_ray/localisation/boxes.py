@@ -328,21 +328,18 @@ def _boxes_for_maps(
     # by raster order in the map as given; labelling order is that, except in flipped maps,
     # where it is the map's column order: ties there are re-keyed.
     size = comp_w * comp_h if config.size_measure == "rectangle" else cells
+    tie_sign = -1 if config.ties_later_first else 1
     raster = np.arange(len(size))
-    order = np.lexsort((-raster if config.ties_later_first else raster, -size, block))
+    order = np.lexsort((tie_sign * raster, -size, block))
+    same = (block[order][1:] == block[order][:-1]) & (size[order][1:] == size[order][:-1])
+    tied = np.r_[same, False] | np.r_[False, same]
+    rekey = order[tied & flipped[block[order] // num_thr]]
+    for k in rekey.tolist():
+        column = labels[top[k] : top[k] + comp_h[k], left[k]]
+        raster[k] = left[k] * num_rows + top[k] + int(np.argmax(column == k + 1))
+    if len(rekey):
+        order = np.lexsort((tie_sign * raster, -size, block))
     block_sorted, size_sorted = block[order], size[order]
-    same = (block_sorted[1:] == block_sorted[:-1]) & (size_sorted[1:] == size_sorted[:-1])
-    if same.any():
-        tied = np.zeros(len(order), bool)
-        tied[1:] |= same
-        tied[:-1] |= same
-        rekey = order[tied & flipped[block_sorted // num_thr]]
-        if len(rekey):
-            for k in rekey.tolist():
-                column = labels[top[k] : top[k] + comp_h[k], left[k]]
-                raster[k] = left[k] * num_rows + top[k] + int(np.argmax(column == k + 1))
-            order = np.lexsort((-raster if config.ties_later_first else raster, -size, block))
-            block_sorted, size_sorted = block[order], size[order]
     position = np.arange(len(order))
     starts_group = np.r_[True, block_sorted[1:] != block_sorted[:-1]]
     group_start = np.maximum.accumulate(np.where(starts_group, position, 0))
