@@ -17,7 +17,14 @@ from dap_ray.localisation.stages import (
     read_progress,
     write_results,
 )
-from dap_ray.steps.mine import MineConfig, actor_pool_sizes, pool_problem, resolve_actor_pool
+from dap_ray.steps.mine import (
+    CPU_BATCH_SIZE,
+    GPU_BATCH_SIZE,
+    MineConfig,
+    actor_pool_sizes,
+    pool_problem,
+    resolve_actor_pool,
+)
 from tests.helpers import BAD_ERRORS, bad_files, encode, photo
 
 SCALES = (32, 64)
@@ -209,6 +216,19 @@ def test_actor_pool_defaults_leave_a_cpu_for_the_tasks(options, node_cpus, shard
 )
 def test_gpu_pools_autoscale_with_the_cluster(options, sizes):
     assert actor_pool_sizes(resolve_actor_pool(MineConfig(**options), 16)) == sizes
+
+
+@pytest.mark.parametrize(
+    ("options", "batch_size"),
+    [
+        (dict(), CPU_BATCH_SIZE),
+        (dict(num_gpus_per_actor=1.0), GPU_BATCH_SIZE),  # larger: only images of one padded shape share a forward
+        (dict(num_gpus_per_actor=1.0, batch_size=64), 64),
+        (dict(batch_size=8), 8),
+    ],
+)
+def test_model_batches_default_by_device(options, batch_size):
+    assert resolve_actor_pool(MineConfig(**options), 16).batch_size == batch_size
 
 
 def test_a_pool_that_would_hold_every_cpu_is_named():

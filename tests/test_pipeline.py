@@ -155,8 +155,9 @@ def test_tar_and_parquet_inputs_give_the_folder_boxes(folder_run, dataset, tmp_p
     (tmp_path / "pq").mkdir()
     pq.write_table(table, tmp_path / "pq" / "part-0.parquet")
     tar_out, pq_out = tmp_path / "out_tar", tmp_path / "out_pq"
+    # The tar run sends encoded bytes to the model actors (the GPU path's stage, here on CPU).
     tar_rows = rows_by_id(mine(config(dataset, tar_out, input=str(tmp_path / "tars"), format="tar",
-                                      gt_boxes=None))["config"]["output"])
+                                      gt_boxes=None, decode="actors"))["config"]["output"])
     pq_rows = rows_by_id(mine(config(dataset, pq_out, input=str(tmp_path / "pq"), format="parquet",
                                      gt_boxes=None))["config"]["output"])
     assert len(tar_rows) == len(pq_rows) == len(good)

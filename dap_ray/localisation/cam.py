@@ -29,7 +29,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from dap_ray.models.classifiers import as_cam_model
 
-__all__ = ["CamExtractor", "IMAGENET_MEAN", "IMAGENET_STD", "check_image", "resize_short_side", "resized_size"]
+__all__ = ["CamExtractor", "IMAGENET_MEAN", "IMAGENET_STD", "check_image", "resize_short_side", "resize_tensor",
+           "resized_size"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -53,16 +54,19 @@ def check_image(image: object, name: str = "image") -> np.ndarray:
 
 
 def resize_short_side(image: np.ndarray, short_side: int) -> np.ndarray:
-    """(H, W, 3) uint8 RGB to (h, w, 3) uint8 with short side ``short_side``.
+    """(H, W, 3) uint8 RGB to (h, w, 3) uint8 with short side ``short_side`` (:func:`resize_tensor`)."""
+    chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    return resize_tensor(chw, short_side).permute(1, 2, 0).numpy()
+
+
+def resize_tensor(image: torch.Tensor, short_side: int) -> torch.Tensor:
+    """(3, H, W) uint8 RGB, on any device, to (3, h, w) uint8 on the same device, short side ``short_side``.
 
     Bilinear with antialiasing (torchvision's tensor resize, which matches PIL's), rounded
     back to uint8 as the authors' PIL-based pipeline was.
     """
-    height, width = image.shape[:2]
-    new_w, new_h = resized_size(width, height, short_side)
-    chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-    resized = TF.resize(chw, [new_h, new_w], antialias=True)
-    return resized.permute(1, 2, 0).numpy()
+    new_w, new_h = resized_size(image.shape[2], image.shape[1], short_side)
+    return TF.resize(image, [new_h, new_w], antialias=True)
 
 
 class CamExtractor:
@@ -78,6 +82,8 @@ class CamExtractor:
             channels-last (faster with cuDNN and oneDNN alike), under bf16 autocast on
             CUDA and in float32 on CPU.
         batch_size: images per forward pass (each with its mirror when ``flip``).
+        compile: run the feature network through ``torch.compile`` (one compilation per
+            padded input shape; worth it only on long GPU runs: see benchmarks/bench_gpu_mine.py).
 
     Calling it with a list of (H, W, 3) uint8 RGB arrays of any sizes and their integer
     labels returns one float32 CAM per image, of shape (ceil(h/stride), ceil(w/stride))
@@ -92,6 +98,7 @@ class CamExtractor:
         stride: int = 32,
         device: str | torch.device | None = None,
         batch_size: int = 16,
+        compile: bool = False,
     ):
         scales = tuple(sorted(int(s) for s in scales))
         if not scales or scales[0] <= 0:
@@ -105,6 +112,7 @@ class CamExtractor:
         self._on_cuda = self.device.type == "cuda"
         cam_model = as_cam_model(model).eval().to(self.device, memory_format=torch.channels_last)
         self.model = cam_model
+        self._features = torch.compile(cam_model.feature_map) if compile else cam_model.feature_map
         with torch.no_grad():
             self._weight = cam_model.class_weight.detach().float()
             self._bias = cam_model.class_bias.detach().float()
@@ -123,16 +131,36 @@ class CamExtractor:
         ``resized[i][j]`` is image i at ``self.scales[j]`` ((h, w, 3) uint8), so that
         decoding and resizing can run on other workers than the model.
         """
+        tensors = [[torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1) for image in scales]
+                   for scales in resized]
+        return self.from_tensors(tensors, labels)
+
+    def from_tensors(self, resized: Sequence[Sequence[torch.Tensor]], labels: Sequence[int]) -> list[np.ndarray]:
+        """CAMs from (3, h, w) uint8 tensors resized by :func:`resize_tensor`, on any device
+        (those already on the model's device, decoded there, stay there).
+
+        ``resized[i][j]`` is image i at ``self.scales[j]``. The maps are combined on the
+        device and reach the host in one copy.
+        """
         labels = self._check_labels(labels, len(resized))
+        if not len(resized):
+            return []
         per_scale = [self._cams_at_scale([r[j] for r in resized], labels) for j in range(len(self.scales))]
-        cams = []
-        for i in range(len(resized)):
-            target = per_scale[-1][i]
-            total = target.copy()
-            for maps in per_scale[:-1]:
-                total += _nearest(maps[i], target.shape)
-            total /= len(self.scales)
-            cams.append(total)
+        combined = []
+        with torch.inference_mode():
+            for i in range(len(resized)):
+                target = per_scale[-1][i]
+                total = target.clone()
+                for maps in per_scale[:-1]:
+                    total += _nearest(maps[i], tuple(target.shape))
+                total /= len(self.scales)
+                combined.append(total.flatten())
+            flat = torch.cat(combined).cpu().numpy()
+        cams, start = [], 0
+        for maps in per_scale[-1]:
+            size = maps.numel()
+            cams.append(flat[start : start + size].reshape(tuple(maps.shape)))
+            start += size
         return cams
 
     def _check_labels(self, labels: Sequence[int], count: int) -> np.ndarray:
@@ -147,12 +175,13 @@ class CamExtractor:
             out[i] = label
         return out
 
-    def _cams_at_scale(self, images: list[np.ndarray], labels: np.ndarray) -> list[np.ndarray]:
-        """Min-max normalised (h, w) float32 CAMs of ``images`` (all at one scale)."""
+    def _cams_at_scale(self, images: list[torch.Tensor], labels: np.ndarray) -> list[torch.Tensor]:
+        """Min-max normalised (h, w) float32 CAMs of ``images`` ((3, h, w) uint8, all at one
+        scale), on the model's device."""
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, image in enumerate(images):
-            groups[(_round_up(image.shape[0], self.stride), _round_up(image.shape[1], self.stride))].append(i)
-        out: list[np.ndarray] = [None] * len(images)  # type: ignore[list-item]
+            groups[(_round_up(image.shape[1], self.stride), _round_up(image.shape[2], self.stride))].append(i)
+        out: list[torch.Tensor] = [None] * len(images)  # type: ignore[list-item]
         for shape, members in groups.items():
             for start in range(0, len(members), self.batch_size):
                 chunk = members[start : start + self.batch_size]
@@ -162,20 +191,21 @@ class CamExtractor:
         return out
 
     @torch.inference_mode()
-    def _forward(self, images: list[np.ndarray], labels: np.ndarray, padded: tuple[int, int]) -> np.ndarray:
+    def _forward(self, images: list[torch.Tensor], labels: np.ndarray, padded: tuple[int, int]) -> torch.Tensor:
         n = len(images)
         batch = torch.zeros((n, 3, *padded), dtype=torch.float32, device=self.device)
         for k, image in enumerate(images):
-            pixels = torch.from_numpy(image).to(self.device, non_blocking=True).permute(2, 0, 1)
-            batch[k, :, : image.shape[0], : image.shape[1]] = (pixels.float() - self._mean[0]) / self._std[0]
+            if image.device.type == "cpu" and self._on_cuda:
+                image = image.pin_memory().to(self.device, non_blocking=True)
+            batch[k, :, : image.shape[1], : image.shape[2]] = (image.float() - self._mean[0]) / self._std[0]
         if self.flip:
             batch = torch.cat([batch, batch.flip(-1)])
         batch = batch.contiguous(memory_format=torch.channels_last)
         if self._on_cuda:
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                features = self.model.feature_map(batch)
+                features = self._features(batch)
         else:
-            features = self.model.feature_map(batch)
+            features = self._features(batch)
         features = features.float()
         if self.flip:
             features = (features[:n] + features[n:].flip(-1)) * 0.5
@@ -183,16 +213,15 @@ class CamExtractor:
         cam = torch.einsum("nchw,nc->nhw", features, self._weight[index]) + self._bias[index].view(n, 1, 1)
         low = cam.amin(dim=(1, 2), keepdim=True)
         span = cam.amax(dim=(1, 2), keepdim=True) - low
-        cam = torch.where(span > 0, (cam - low) / span.clamp_min(torch.finfo(cam.dtype).tiny), torch.zeros_like(cam))
-        return cam.cpu().numpy()
+        return torch.where(span > 0, (cam - low) / span.clamp_min(torch.finfo(cam.dtype).tiny), torch.zeros_like(cam))
 
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def _nearest(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+def _nearest(cam: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """``cam`` sampled onto ``shape`` as ``F.interpolate(mode="nearest")`` does."""
-    if cam.shape == shape:
+    if tuple(cam.shape) == shape:
         return cam
-    return F.interpolate(torch.from_numpy(cam)[None, None], size=shape, mode="nearest")[0, 0].numpy()
+    return F.interpolate(cam[None, None], size=shape, mode="nearest")[0, 0]

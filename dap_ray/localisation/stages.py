@@ -34,8 +34,8 @@ from dap_ray.localisation.boxes import BoxConfig, cam_to_boxes_batch
 # Smaller images hold nothing a stride-32 CAM can localise.
 MIN_IMAGE_SIDE = 8
 
-__all__ = ["BOXES_SCHEMA", "ERRORS_SCHEMA", "MIN_IMAGE_SIDE", "SHARDS_KEY", "CamBoxStage", "Progress",
-           "decode_and_resize", "drop_retryable_errors", "plan_resume", "read_done_ids", "read_progress",
+__all__ = ["BOXES_SCHEMA", "ERRORS_SCHEMA", "MIN_IMAGE_SIDE", "SHARDS_KEY", "CamBoxStage", "EncodedCamBoxStage",
+           "Progress", "decode_and_resize", "drop_retryable_errors", "plan_resume", "read_done_ids", "read_progress",
            "write_results"]
 
 BOXES_SCHEMA = pa.schema([
@@ -106,7 +106,7 @@ class CamBoxStage:
 
     def __init__(self, classifier: str, weights: str | None, num_classes: int | None, scales: tuple[int, ...],
                  flip: bool, box_config: BoxConfig, batch_size: int, device: str | None = None,
-                 torch_threads: int | None = None):
+                 torch_threads: int | None = None, compile: bool = False):
         import torch
 
         from dap_ray.localisation.cam import CamExtractor
@@ -115,24 +115,37 @@ class CamBoxStage:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         model = load_classifier(classifier, weights, num_classes=num_classes)
-        self.extractor = CamExtractor(model, scales=scales, flip=flip, device=device, batch_size=batch_size)
+        self.extractor = CamExtractor(model, scales=scales, flip=flip, device=device, batch_size=batch_size,
+                                      compile=compile)
         self.box_config = box_config
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pydict()
-        n = len(rows["image_id"])
-        scales = len(self.extractor.scales)
-        errors = list(rows["error"])
-        for i in range(n):
-            if not errors[i] and not 0 <= rows["label"][i] < self.extractor.num_classes:
-                errors[i] = f"label {rows['label'][i]} is outside the classifier's {self.extractor.num_classes} classes"
-        good = [i for i in range(n) if not errors[i]]
+        errors = self._label_errors(rows, list(rows["error"]))
+        good = [i for i in range(len(errors)) if not errors[i]]
+        import torch
+
         resized = [
-            [np.frombuffer(rows[f"pixels{j}"][i], np.uint8).reshape(rows[f"h{j}"][i], rows[f"w{j}"][i], 3).copy()
-             for j in range(scales)]
+            [torch.from_numpy(np.frombuffer(rows[f"pixels{j}"][i], np.uint8).reshape(rows[f"h{j}"][i],
+                                                                                    rows[f"w{j}"][i], 3).copy())
+             .permute(2, 0, 1) for j in range(len(self.extractor.scales))]
             for i in good
         ]
-        cams = self.extractor.from_resized(resized, [rows["label"][i] for i in good]) if good else []
+        return self._boxes(rows, errors, good, resized)
+
+    def _label_errors(self, rows: dict, errors: list[str]) -> list[str]:
+        """``errors`` with an error for each image whose label is outside the classifier."""
+        classes = self.extractor.num_classes
+        for i, label in enumerate(rows["label"]):
+            if not errors[i] and not 0 <= label < classes:
+                errors[i] = f"label {label} is outside the classifier's {classes} classes"
+        return errors
+
+    def _boxes(self, rows: dict, errors: list[str], good: list[int], resized: list) -> pa.Table:
+        """Output rows for a batch whose images ``good`` (no error) are ``resized``:
+        ``resized[k][j]``, image ``good[k]`` at scale j, a (3, h, w) uint8 tensor."""
+        n = len(errors)
+        cams = self.extractor.from_tensors(resized, [rows["label"][i] for i in good]) if good else []
         sizes = [(rows["width"][i], rows["height"][i]) for i in good]
         boxes: list = [[] for _ in range(n)]
         scores: list = [[] for _ in range(n)]
@@ -147,6 +160,49 @@ class CamBoxStage:
             "retry": [bool(r and e) for r, e in zip(rows.get("retry") or [False] * n, errors)],
             **_provenance(rows),
         })
+
+
+class EncodedCamBoxStage(CamBoxStage):
+    """:class:`CamBoxStage` fed encoded images (:func:`dap_ray.data.sources.read_shard`
+    records): decodes (:func:`dap_ray.data.device_decode.decode_on_device`; on CUDA, JPEGs
+    in batches with nvJPEG) and resizes to each scale on the model's device, so that only the
+    encoded bytes cross the object store and the node's CPUs do not decode.
+
+    Errors are those of :func:`decode_and_resize` then :class:`CamBoxStage`, worded alike.
+    Arguments as :class:`CamBoxStage`, plus ``max_pixels``.
+    """
+
+    def __init__(self, *args, max_pixels: int = MAX_IMAGE_PIXELS, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_pixels = max_pixels
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from dap_ray.data.device_decode import decode_on_device
+        from dap_ray.localisation.cam import resize_tensor
+
+        rows = batch.to_pydict()
+        n = len(rows["image_id"])
+        errors = list(rows["error"])
+        readable = [i for i in range(n) if not errors[i]]
+        images, faults, _ = decode_on_device([rows["data"][i] for i in readable], self.extractor.device,
+                                             self.max_pixels)
+        decoded = dict(zip(readable, images))
+        widths, heights = [0] * n, [0] * n
+        for i, image, fault in zip(readable, images, faults):
+            if fault:
+                errors[i] = fault
+                continue
+            heights[i], widths[i] = int(image.shape[1]), int(image.shape[2])
+            if min(heights[i], widths[i]) < MIN_IMAGE_SIDE:
+                errors[i] = (f"image of {widths[i]}x{heights[i]} pixels is too small "
+                             f"(under {MIN_IMAGE_SIDE} pixels a side)")
+            elif rows["label"][i] < 0:
+                errors[i] = "no label"
+        rows = {**{k: v for k, v in rows.items() if k != "data"}, "width": widths, "height": heights}
+        errors = self._label_errors(rows, errors)
+        good = [i for i in range(n) if not errors[i]]
+        resized = [[resize_tensor(decoded[i], scale) for scale in self.extractor.scales] for i in good]
+        return self._boxes(rows, errors, good, resized)
 
 
 def write_results(batch: pa.Table, output: str) -> pa.Table:

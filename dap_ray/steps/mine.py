@@ -1,9 +1,11 @@
 """Step 2 on Ray Data: stream images through model actors and write pseudo boxes.
 
 Stages (:mod:`dap_ray.localisation.stages`, plain functions over pyarrow batches): read
-shards (tasks) -> decode and resize to each CAM scale (CPU tasks; on CPU-only runs Ray Data
-fuses them into the model actors) -> CAMs and boxes (:class:`CamBoxStage` on an actor pool,
-GPU or CPU, sized by :func:`resolve_actor_pool`) -> write Parquet (tasks). Resume: outputs
+shards (tasks) -> on CPU-only runs, decode and resize to each CAM scale (tasks that Ray Data
+fuses into the model actors) -> CAMs and boxes (:class:`CamBoxStage` on an actor pool, GPU
+or CPU, sized by :func:`resolve_actor_pool`; with GPUs :class:`EncodedCamBoxStage`, which
+takes the encoded bytes and decodes and resizes on the GPU, so the object store carries
+JPEGs rather than pixels and the node needs no CPUs to decode) -> write Parquet (tasks). Resume: outputs
 are written per batch, each file whole and named after its images, and a rerun skips every
 image already in ``boxes/`` or ``errors/``; so a rerun after a killed driver writes exactly
 the images that were missing.
@@ -29,6 +31,7 @@ from dap_ray.data.sources import list_shards, read_shard
 from dap_ray.localisation.boxes import BoxConfig
 from dap_ray.localisation.stages import (
     CamBoxStage,
+    EncodedCamBoxStage,
     decode_and_resize,
     drop_retryable_errors,
     plan_resume,
@@ -38,12 +41,17 @@ from dap_ray.localisation.stages import (
 from dap_ray.runs import open_run, settings_differ
 from dap_ray.steps.ray_setup import init_ray
 
-__all__ = ["MAX_CPU_ACTORS", "MineConfig", "actor_pool_sizes", "mine", "pool_problem", "resolve_actor_pool"]
+__all__ = ["CPU_BATCH_SIZE", "GPU_BATCH_SIZE", "MAX_CPU_ACTORS", "MineConfig", "actor_pool_sizes", "mine", "pool_problem", "resolve_actor_pool"]
 
 # CPU pools: on 2 cores two one-thread actors mine about 15% faster than one actor on both
 # cores, whose threads stall whenever another process takes a core (benchmarks/bench_mine.py);
 # more actors multiply memory (about 7 GB each for ResNet-50 at 288+576, batch 32).
 MAX_CPU_ACTORS = 2
+# Model batches. On an H200 (benchmarks/bench_gpu_mine.py, ResNet-50 at 288+576 with flips), Ray
+# batches of 256 mined 424 images/s against 308 for 64 and 410 for 1,024: a forward pass takes
+# only the images of one padded shape, 18 on average at 256 and 8 at 64.
+CPU_BATCH_SIZE = 32
+GPU_BATCH_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -70,7 +78,16 @@ class MineConfig:
     size_measure: Literal["rectangle", "cells"] | None = field(default=None, metadata={
         "help": "how components are sized, ranked and kept (half the largest): their bounding rectangle's area or "
                 "their cell count (default: the preset's; jobs/tune_boxes.py searches it)"})
-    batch_size: int = field(default=32, metadata={"help": "images per model batch"})
+    batch_size: int | None = field(default=None, metadata={
+        "help": f"images per model batch (default: {CPU_BATCH_SIZE} on CPU; {GPU_BATCH_SIZE} with GPUs, where only "
+                "images of one padded shape share a forward pass and larger batches fill the GPU)"})
+    decode: Literal["auto", "tasks", "actors"] = field(default="auto", metadata={
+        "help": "where images are decoded and resized: tasks (CPU tasks send the model actors pixels), actors (the "
+                "encoded bytes travel to the model actors, which decode on their device: JPEGs with nvJPEG on GPUs); "
+                "auto: actors with GPUs, tasks on CPU"})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile the CAM network in each model actor (compiles once per padded input shape; "
+                "benchmarks/bench_gpu_mine.py measures what it gains)"})
     num_gpus_per_actor: float = field(default=0.0, metadata={"help": "GPUs per model actor (0: CPU actors)"})
     actors: tuple[int, ...] | None = field(default=None, metadata={
         "help": "MIN MAX model actors, an autoscaling pool (default with GPUs: from 1 up to every GPU the cluster "
@@ -100,7 +117,7 @@ class MineConfig:
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch_threads must be at least 1, got {self.torch_threads}")
         for name in ("batch_size", "shard_size", "rows_per_file"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be at least 1, got {self.limit}")
@@ -119,11 +136,12 @@ def resolve_actor_pool(cfg: MineConfig, node_cpus: int, shards: int | None = Non
     bound but the cluster's GPUs (see :func:`actor_pool_sizes`), ``cpus_per_actor`` 1. On CPU: a fixed pool of
     ``min(node_cpus, MAX_CPU_ACTORS, shards)`` actors (no more than there are input shards
     to feed them) that together reserve all but one of the node's CPUs (the read and write
-    tasks need one each), ``torch_threads`` the node's CPUs over the largest pool. Values
-    the user set are kept.
+    tasks need one each), ``torch_threads`` the node's CPUs over the largest pool.
+    ``batch_size``: :data:`GPU_BATCH_SIZE` or :data:`CPU_BATCH_SIZE`. Values the user set are kept.
     """
     if cfg.num_gpus_per_actor > 0:
-        return replace(cfg, cpus_per_actor=1.0 if cfg.cpus_per_actor is None else cfg.cpus_per_actor)
+        return replace(cfg, cpus_per_actor=1.0 if cfg.cpus_per_actor is None else cfg.cpus_per_actor,
+                       batch_size=cfg.batch_size or GPU_BATCH_SIZE)
     node_cpus = max(1, int(node_cpus))
     actors = cfg.actors
     if actors is None:
@@ -135,7 +153,8 @@ def resolve_actor_pool(cfg: MineConfig, node_cpus: int, shards: int | None = Non
     if cpus is None:
         cpus = round(max(0, node_cpus - 1) / actors[1], 3)
     threads = cfg.torch_threads or max(1, node_cpus // actors[1])
-    return replace(cfg, actors=tuple(actors), cpus_per_actor=cpus, torch_threads=threads)
+    return replace(cfg, actors=tuple(actors), cpus_per_actor=cpus, torch_threads=threads,
+                   batch_size=cfg.batch_size or CPU_BATCH_SIZE)
 
 
 def actor_pool_sizes(cfg: MineConfig) -> tuple[int, int | None]:
@@ -271,12 +290,15 @@ def _mine(cfg: MineConfig, output: Path) -> dict:
         # On CPU, decode tasks ask for what a model actor holds, so that Ray Data fuses them into
         # the actors: decoding is ~1% of the work there, and fusing saves a worker that imports
         # torch at start-up and the pixels' trip through the object store (~3% on 2 cores).
-        # With GPUs they stay a pool of 1-CPU tasks feeding the GPUs.
-        ds = ds.map_batches(decode_and_resize, batch_format="pyarrow", batch_size=16, fn_kwargs={"scales": scales},
-                            num_cpus=1 if on_gpu else cfg.cpus_per_actor)
+        # With GPUs the actors decode on the GPU: pixels for both scales are ~10x the JPEG's
+        # bytes, and a GPU at 2,000 images/s would need 8-16 cores decoding for it.
+        decode_in_actors = cfg.decode == "actors" or (cfg.decode == "auto" and on_gpu)
+        if not decode_in_actors:
+            ds = ds.map_batches(decode_and_resize, batch_format="pyarrow", batch_size=16,
+                                fn_kwargs={"scales": scales}, num_cpus=1 if on_gpu else cfg.cpus_per_actor)
         min_actors, max_actors = actor_pool_sizes(cfg)
         ds = ds.map_batches(
-            CamBoxStage,
+            EncodedCamBoxStage if decode_in_actors else CamBoxStage,
             batch_format="pyarrow",
             batch_size=cfg.batch_size,
             compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
@@ -285,7 +307,7 @@ def _mine(cfg: MineConfig, output: Path) -> dict:
             fn_constructor_kwargs=dict(classifier=cfg.classifier, weights=cfg.weights, num_classes=num_classes,
                                        scales=scales, flip=cfg.flip, box_config=cfg.box_config(),
                                        batch_size=cfg.batch_size, device="cuda" if on_gpu else "cpu",
-                                       torch_threads=cfg.torch_threads),
+                                       torch_threads=cfg.torch_threads, compile=cfg.compile),
         )  # Ray Data's actor pools restart a dead actor and retry its batches (max_restarts=-1 by default).
         # Rows reach the writer small (ids and boxes): bundling rows_per_file of them per file keeps
         # a 14M-image output to about a thousand files, each written whole.
