@@ -82,8 +82,9 @@ class CamExtractor:
             channels-last (faster with cuDNN and oneDNN alike), under bf16 autocast on
             CUDA and in float32 on CPU.
         batch_size: images per forward pass (each with its mirror when ``flip``).
-        compile: run the feature network through ``torch.compile`` (one compilation per
-            padded input shape; worth it only on long GPU runs: see benchmarks/bench_gpu_mine.py).
+        compile: run the feature network through ``torch.compile`` (it compiles on the first
+            batches and again as new input shapes come; worth it only on long GPU runs: see
+            benchmarks/bench_gpu_mine.py).
 
     Calling it with a list of (H, W, 3) uint8 RGB arrays of any sizes and their integer
     labels returns one float32 CAM per image, of shape (ceil(h/stride), ceil(w/stride))

@@ -86,8 +86,8 @@ class MineConfig:
                 "encoded bytes travel to the model actors, which decode on their device: JPEGs with nvJPEG on GPUs); "
                 "auto: actors with GPUs, tasks on CPU"})
     compile: bool = field(default=False, metadata={
-        "help": "torch.compile the CAM network in each model actor (compiles once per padded input shape; "
-                "benchmarks/bench_gpu_mine.py measures what it gains)"})
+        "help": "torch.compile the CAM network in each model actor (the first batches compile, about a minute on "
+                "an H200, then 1.1x there: benchmarks/bench_gpu_mine.py)"})
     num_gpus_per_actor: float = field(default=0.0, metadata={"help": "GPUs per model actor (0: CPU actors)"})
     actors: tuple[int, ...] | None = field(default=None, metadata={
         "help": "MIN MAX model actors, an autoscaling pool (default with GPUs: from 1 up to every GPU the cluster "
