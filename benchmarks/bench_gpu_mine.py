@@ -33,7 +33,6 @@ weights, and nothing is downloaded.
 from __future__ import annotations
 
 import argparse
-import copy
 import glob
 import io
 import json
@@ -251,7 +250,7 @@ def parity(device: torch.device, datas: list[bytes], model: torch.nn.Module, sca
     report["routes"] = routes
     labels = [int(i % 1000) for i in range(len(datas))]
     on_device = CamExtractor(model, scales=scales, device=device, batch_size=16)
-    on_cpu = CamExtractor(copy.deepcopy(model).cpu(), scales=scales, device="cpu", batch_size=16)
+    on_cpu = CamExtractor(model, scales=scales, device="cpu", batch_size=16)
     resized_device = [[resize_tensor(image, s) for s in scales] for image in images]
     cams_device = on_device.from_tensors(resized_device, labels)
     arrays = [decode_image(data) for data in datas]

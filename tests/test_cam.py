@@ -68,7 +68,7 @@ def test_no_images_give_no_cams(tiny_model):
 def test_cams_follow_the_recipe(rng, tiny_model, flip, scales):
     images = [photo_like(rng, 75, 100), photo_like(rng, 100, 60)]
     labels = [3, 1]
-    cams = CamExtractor(tiny_model, scales=scales, flip=flip)(images, labels)
+    cams = CamExtractor(tiny_model, scales=scales, flip=flip, device="cpu")(images, labels)  # float32, as the recipe
     for image, label, cam in zip(images, labels, cams):
         expected = recipe_cam(tiny_model, image, label, sorted(scales), flip)
         assert cam.dtype == np.float32 and cam.shape == expected.shape
@@ -116,6 +116,14 @@ def test_constant_cam_becomes_zeros_not_nan(rng, tiny_model):
 def test_bad_input_is_a_clear_value_error(tiny_model, image, label, message):
     with pytest.raises(ValueError, match=message):
         CamExtractor(tiny_model, scales=SMALL_SCALES)([image], [label])
+
+
+def test_the_callers_model_stays_where_it_was(tiny_model):
+    before = {name: (p.device, p.is_contiguous()) for name, p in tiny_model.named_parameters()}
+    tiny_model.train()
+    extractor = CamExtractor(tiny_model, scales=SMALL_SCALES, device="cpu")
+    assert {name: (p.device, p.is_contiguous()) for name, p in tiny_model.named_parameters()} == before
+    assert tiny_model.training and not extractor.model.training
 
 
 def test_label_count_must_match(rng, tiny_model):

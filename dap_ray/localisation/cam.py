@@ -18,6 +18,7 @@ data (mostly 4:3 and 3:4 photos) falls into few shapes, so batches stay full.
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from typing import Sequence
 
@@ -111,7 +112,9 @@ class CamExtractor:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self._on_cuda = self.device.type == "cuda"
-        cam_model = as_cam_model(model).eval().to(self.device, memory_format=torch.channels_last)
+        # A copy: moving the caller's model to another device or memory format in place would
+        # break whatever else uses it (a CPU reference beside a CUDA extractor, say).
+        cam_model = copy.deepcopy(as_cam_model(model)).eval().to(self.device, memory_format=torch.channels_last)
         self.model = cam_model
         self._features = torch.compile(cam_model.feature_map) if compile else cam_model.feature_map
         with torch.no_grad():
