@@ -56,7 +56,7 @@ from dap_ray.data.device_decode import decode_on_device  # noqa: E402
 from dap_ray.data.images import decode_image  # noqa: E402
 from dap_ray.localisation.boxes import BoxConfig, cam_to_boxes_batch  # noqa: E402
 from dap_ray.localisation.cam import CamExtractor, resize_tensor  # noqa: E402
-from dap_ray.localisation.stages import CamBoxStage, EncodedCamBoxStage, decode_and_resize  # noqa: E402
+from dap_ray.localisation.stages import EncodedCamBoxStage, decode_and_resize  # noqa: E402
 from dap_ray.models.classifiers import load_classifier  # noqa: E402
 
 
