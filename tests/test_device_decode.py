@@ -1,6 +1,7 @@
 """The GPU mining path's code on CPU: encoded bytes in, the CPU path's images and boxes out."""
 
 import io
+import struct
 
 import numpy as np
 import pyarrow as pa
@@ -45,7 +46,24 @@ def awkward_files(rng) -> dict[str, bytes]:
         "header_only.jpg": jpeg(rgb)[:200],  # a JPEG header that parses, then no image data
         "scrambled.jpg": scrambled(jpeg(photo(rng, 60, 80), quality=95)),
         "trailing.jpg": jpeg(rgb) + b"appended by a camera",
+        "orientation_as_text.jpg": exif_jpeg(rgb, (0x0112, 2, 2, b"6\0")),  # not an orientation: upright
+        "bad_exif_turned.jpg": exif_jpeg(rgb, ORIENTATION_6, RESOLUTION_AS_TEXT),
+        "bad_exif_turned.png": exif_jpeg(rgb, ORIENTATION_6, RESOLUTION_AS_TEXT, fmt="PNG"),
+        "bad_exif_turned_cmyk.jpg": exif_jpeg(rgb.convert("CMYK"), ORIENTATION_6, RESOLUTION_AS_TEXT),
     }
+
+
+def exif_jpeg(rgb: Image.Image, *entries: tuple[int, int, int, bytes], fmt: str = "JPEG") -> bytes:
+    """``rgb`` saved with a hand-made little-endian EXIF block: (tag, type, count, value) entries."""
+    ifd = struct.pack("<H", len(entries)) + b"".join(
+        struct.pack("<HHI", tag, kind, count) + value.ljust(4, b"\0") for tag, kind, count, value in entries)
+    buffer = io.BytesIO()
+    rgb.save(buffer, format=fmt, exif=b"Exif\0\0II*\0\x08\0\0\0" + ifd + b"\0\0\0\0")
+    return buffer.getvalue()
+
+
+ORIENTATION_6 = (0x0112, 3, 1, struct.pack("<H", 6))
+RESOLUTION_AS_TEXT = (0x011A, 2, 3, b"72\0")  # XResolution written as ASCII: PIL cannot rewrite it
 
 
 def scrambled(data: bytes) -> bytes:
@@ -84,7 +102,8 @@ def test_every_route_gives_the_cpu_paths_image_or_its_error(rng):
         np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), expected, err_msg=name)
     routes = {name: by_name[name][2] for name in files}
     assert {name for name, route in routes.items() if route == "device"} == {
-        "baseline.jpg", "progressive.jpg", "gray.jpg", "subsampled.jpg", "phone.jpg"}
+        "baseline.jpg", "progressive.jpg", "gray.jpg", "subsampled.jpg", "phone.jpg", "orientation_as_text.jpg",
+        "bad_exif_turned.jpg"}
     assert routes["cmyk.jpg"] == routes["photo.png"] == routes["photo.webp"] == routes["trailing.jpg"] == "cpu"
     assert routes["corrupt.jpg"] == routes["header_only.jpg"] == routes["scrambled.jpg"] == ""  # PIL named the fault
 
@@ -108,6 +127,44 @@ def test_jpeg_structure_check(rng, name, sound):
         "no_eoi": base[:-2], "zero_length_segment": base[:2] + b"\xff\xe0\x00\x00" + base[2:],
     }[name]
     assert jpeg_structure_is_sound(data) is sound
+
+
+@pytest.mark.parametrize(("entry", "turned"), [
+    (None, False),
+    ((0x0112, 3, 1, struct.pack("<H", 6)), True),
+    ((0x0112, 2, 2, b"6\0"), False),  # text: PIL's exif_transpose leaves such an image as it is
+    ((0x0112, 5, 1, struct.pack("<I", 8)), False),  # a rational offset into nowhere: unreadable
+    ((0x0112, 3, 1, struct.pack("<H", 9)), False),
+])
+def test_exif_orientation_is_read_as_pil_reads_it(rng, entry, turned):
+    rgb = photo(rng, 20, 30)
+    data = exif_jpeg(rgb, *([entry] if entry else []))
+    upright = decode_image(data)
+    assert upright.shape == ((30, 20, 3) if turned else (20, 30, 3))
+    (image,), (error,), (decoder,) = decode_on_device([data], "cpu")
+    assert not error and decoder == "device"
+    np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), upright)
+
+
+def test_a_malformed_exif_block_does_not_stop_decoding(rng):
+    """exif_transpose rewrites the EXIF and fails on a resolution stored as text; we turn without it."""
+    rgb = photo(rng, 20, 30)
+    for fmt in ("JPEG", "PNG"):
+        assert decode_image(exif_jpeg(rgb, ORIENTATION_6, RESOLUTION_AS_TEXT, fmt=fmt)).shape == (30, 20, 3)
+
+
+def test_a_decoders_own_exception_is_a_bad_image(rng, monkeypatch):
+    """Malformed files can make a PIL plugin raise TypeError or struct.error: an error row, not a crash."""
+    from PIL import ImageFile
+
+    data = encode(photo(rng, 20, 30))
+
+    def broken(self):
+        raise TypeError("unsupported operand type(s)")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", broken)
+    with pytest.raises(BadImageError, match=r"corrupt image \(TypeError: unsupported operand"):
+        decode_image(data)
 
 
 def test_images_over_the_pixel_limit_are_refused_from_their_header(rng):
@@ -164,12 +221,15 @@ def test_bytes_in_gives_the_boxes_and_errors_of_the_pixels_path(rng, stages):
     labels[list(files).index("photo.png")] = -1
     labels[list(files).index("photo.webp")] = 9
     batch = records(files, labels)
+    retry = [name in ("photo.webp", "baseline.jpg") for name in files]  # a read retried, then decoded
+    batch = batch.set_column(batch.schema.get_field_index("retry"), "retry", pa.array(retry))
     expected = by_pixels(decode_and_resize(batch, SCALES)).to_pydict()
     got = by_bytes(batch).to_pydict()
     assert got == expected  # same boxes to the bit, same errors, sizes and provenance
     errors = {name: e for name, e in zip(got["image_id"], got["error"]) if e}
     assert set(errors) == BAD_ERRORS | {"header_only.jpg", "scrambled.jpg", "photo.png", "photo.webp"}
     assert errors["photo.png"] == "no label" and "outside the classifier" in errors["photo.webp"]
+    assert not any(got["retry"])  # decoded, so a later error is lasting
     assert sum(map(len, got["boxes"])) > 0
 
 

@@ -27,14 +27,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dap_ray.data.images import MAX_IMAGE_PIXELS, BadImageError, decode_image
+from dap_ray.data.images import MAX_IMAGE_PIXELS, BadImageError, decode_image, exif_orientation
 
 __all__ = ["DEVICE_JPEG_MODES", "decode_on_device", "jpeg_structure_is_sound", "orient"]
 
 # JPEG colour modes (as PIL reads them from the header) that the device decoder turns into
 # the same RGB as PIL; CMYK and YCCK go to PIL.
 DEVICE_JPEG_MODES = frozenset({"RGB", "L"})
-EXIF_ORIENTATION = 0x0112
 
 
 def decode_on_device(
@@ -99,7 +98,7 @@ def _device_jpeg_orientation(data: bytes, max_pixels: int) -> int | None:
             width, height = header.size
             if header.format != "JPEG" or header.mode not in DEVICE_JPEG_MODES or not 0 < width * height <= max_pixels:
                 return None
-            return int(header.getexif().get(EXIF_ORIENTATION, 1))
+            return exif_orientation(header)
     except Exception:  # noqa: BLE001 - any header fault is decode_image's to word
         return None
 

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "IMAGE_EXTENSIONS", "MAX_IMAGE_PIXELS", "BadImageError", "FolderListing",
-    "class_folder_files", "class_folders", "classifier_classes", "decode_image", "first_class_difference", "list_image_folder", "read_class_map",
+    "class_folder_files", "class_folders", "classifier_classes", "decode_image", "exif_orientation",
+    "first_class_difference", "list_image_folder", "read_class_map",
 ]
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,10 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
             if width < 1 or height < 1:
                 raise BadImageError(f"image has no pixels ({width}x{height})")
             image.load()
-            upright = ImageOps.exif_transpose(image)
-            return _to_rgb(upright if upright is not None else image)
+            # Turned as ImageOps.exif_transpose turns it, without rewriting the EXIF, whose
+            # other malformed fields would fail there (a resolution stored as text, say).
+            method = _EXIF_TRANSPOSE.get(exif_orientation(image))
+            return _to_rgb(image.transpose(method) if method is not None else image)
     except BadImageError:
         raise
     except UnidentifiedImageError:
@@ -68,8 +71,33 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
         raise BadImageError(f"decompression bomb: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise BadImageError(f"corrupt or truncated image: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a decoder's own fault on malformed data: an error row, not a crash
+        raise BadImageError(f"corrupt image ({type(exc).__name__}: {exc})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = guard
+
+
+# EXIF orientation -> the transposition that turns the image upright (PIL's exif_transpose).
+_EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """An opened image's EXIF orientation (1 to 8; XMP's when EXIF has none) as PIL's
+    ``ImageOps.exif_transpose`` reads it: a value that is not one of 1 to 8 (text, 6.5) and
+    an unreadable EXIF block count as 1, upright."""
+    try:
+        value = image.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block turns nothing
+        return 1
+    return int(float(value)) if value in _EXIF_TRANSPOSE else 1
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:

@@ -198,7 +198,10 @@ class EncodedCamBoxStage(CamBoxStage):
                              f"(under {MIN_IMAGE_SIDE} pixels a side)")
             elif rows["label"][i] < 0:
                 errors[i] = "no label"
-        rows = {**{k: v for k, v in rows.items() if k != "data"}, "width": widths, "height": heights}
+        # As decode_and_resize: a retry mark lasts only on a row whose reading or decoding failed.
+        retries = [bool(r and e) for r, e in zip(rows.get("retry") or [False] * n, errors)]
+        rows = {**{k: v for k, v in rows.items() if k != "data"}, "width": widths, "height": heights,
+                "retry": retries}
         errors = self._label_errors(rows, errors)
         good = [i for i in range(n) if not errors[i]]
         resized = [[resize_tensor(decoded[i], scale) for scale in self.extractor.scales] for i in good]

@@ -41,7 +41,8 @@ from dap_ray.localisation.stages import (
 from dap_ray.runs import open_run, settings_differ
 from dap_ray.steps.ray_setup import init_ray
 
-__all__ = ["CPU_BATCH_SIZE", "GPU_BATCH_SIZE", "MAX_CPU_ACTORS", "MineConfig", "actor_pool_sizes", "mine", "pool_problem", "resolve_actor_pool"]
+__all__ = ["CPU_BATCH_SIZE", "GPU_BATCH_SIZE", "GPU_FORWARD_IMAGES", "MAX_CPU_ACTORS", "MineConfig", "actor_pool_sizes", "mine",
+           "pool_problem", "resolve_actor_pool"]
 
 # CPU pools: on 2 cores two one-thread actors mine about 15% faster than one actor on both
 # cores, whose threads stall whenever another process takes a core (benchmarks/bench_mine.py);
@@ -52,6 +53,10 @@ MAX_CPU_ACTORS = 2
 # only the images of one padded shape, 18 on average at 256 and 8 at 64.
 CPU_BATCH_SIZE = 32
 GPU_BATCH_SIZE = 256
+# Images per forward pass on a GPU, at most (each with its mirror): 64 at 576 x 768 hold about
+# 5 GB of ResNet-50 activations in bf16, so 16 GB cards take them; a whole Ray batch of 256 of one
+# shape (ImageNet's 500 x 375, or resized data) would want about 20 GB.
+GPU_FORWARD_IMAGES = 64
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,8 @@ class MineConfig:
         for name in ("batch_size", "shard_size", "rows_per_file"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.decode not in ("auto", "tasks", "actors"):
+            raise ValueError(f"decode must be auto, tasks or actors, got {self.decode!r}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be at least 1, got {self.limit}")
         self.box_config()  # thresholds, nms_iou and preset checked where they live
@@ -306,7 +313,8 @@ def _mine(cfg: MineConfig, output: Path) -> dict:
             num_cpus=cfg.cpus_per_actor,
             fn_constructor_kwargs=dict(classifier=cfg.classifier, weights=cfg.weights, num_classes=num_classes,
                                        scales=scales, flip=cfg.flip, box_config=cfg.box_config(),
-                                       batch_size=cfg.batch_size, device="cuda" if on_gpu else "cpu",
+                                       batch_size=min(cfg.batch_size, GPU_FORWARD_IMAGES) if on_gpu
+                                       else cfg.batch_size, device="cuda" if on_gpu else "cpu",
                                        torch_threads=cfg.torch_threads, compile=cfg.compile),
         )  # Ray Data's actor pools restart a dead actor and retry its batches (max_restarts=-1 by default).
         # Rows reach the writer small (ids and boxes): bundling rows_per_file of them per file keeps
