@@ -46,6 +46,7 @@ def awkward_files(rng) -> dict[str, bytes]:
         "header_only.jpg": jpeg(rgb)[:200],  # a JPEG header that parses, then no image data
         "scrambled.jpg": scrambled(jpeg(photo(rng, 60, 80), quality=95)),
         "trailing.jpg": jpeg(rgb) + b"appended by a camera",
+        "stored_as_rgb.jpg": jpeg(rgb, keep_rgb=True),  # Adobe marker, transform 0: not YCbCr
         "orientation_as_text.jpg": exif_jpeg(rgb, (0x0112, 2, 2, b"6\0")),  # not an orientation: upright
         "bad_exif_turned.jpg": exif_jpeg(rgb, ORIENTATION_6, RESOLUTION_AS_TEXT),
         "bad_exif_turned.png": exif_jpeg(rgb, ORIENTATION_6, RESOLUTION_AS_TEXT, fmt="PNG"),
@@ -105,6 +106,7 @@ def test_every_route_gives_the_cpu_paths_image_or_its_error(rng):
         "baseline.jpg", "progressive.jpg", "gray.jpg", "subsampled.jpg", "phone.jpg", "orientation_as_text.jpg",
         "bad_exif_turned.jpg"}
     assert routes["cmyk.jpg"] == routes["photo.png"] == routes["photo.webp"] == routes["trailing.jpg"] == "cpu"
+    assert routes["stored_as_rgb.jpg"] == "cpu"
     assert routes["corrupt.jpg"] == routes["header_only.jpg"] == routes["scrambled.jpg"] == ""  # PIL named the fault
 
 

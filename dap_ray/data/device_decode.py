@@ -9,12 +9,13 @@ the pixels are the same to the bit (both libjpeg-turbo); nvJPEG's IDCT and chrom
 differ from libjpeg's by a few levels in some pixels.
 
 Routing, from the header alone (PIL reads it without decoding): baseline or progressive
-JPEGs in RGB (YCbCr) or grayscale go to the device decoder; CMYK and YCCK JPEGs, which
-nvJPEG does not convert as PIL does, JPEGs whose markers are damaged or cut short
-(:func:`jpeg_structure_is_sound`: nvJPEG would decode them without a word), and every other
-format (PNG, WebP, ...) to :func:`decode_image`. A device batch that fails is retried one image at a time, and an image
-the device decoder refuses is decoded by :func:`decode_image`, whose :class:`BadImageError`
-names the fault; so nothing is lost and a corrupt file is an error, never a crash.
+JPEGs in YCbCr or grayscale go to the device decoder. To :func:`decode_image` go CMYK and
+YCCK JPEGs, which PIL turns into RGB its own way, and JPEGs whose Adobe marker says they
+hold RGB itself (nvJPEG's output for either was not checked against PIL's); JPEGs whose markers are damaged or cut short (:func:`jpeg_structure_is_sound`:
+nvJPEG would decode them without a word); and every other format (PNG, WebP, ...). A device
+batch that fails is retried one image at a time, and an image the device decoder refuses is
+decoded by :func:`decode_image`, whose :class:`BadImageError` names the fault; so nothing is
+lost and a corrupt file is an error, never a crash.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from dap_ray.data.images import MAX_IMAGE_PIXELS, BadImageError, decode_image, e
 
 __all__ = ["DEVICE_JPEG_MODES", "decode_on_device", "jpeg_structure_is_sound", "orient"]
 
-# JPEG colour modes (as PIL reads them from the header) that the device decoder turns into
-# the same RGB as PIL; CMYK and YCCK go to PIL.
+# JPEG colour modes (as PIL reads them from the header) sent to the device decoder; CMYK and
+# YCCK go to PIL.
 DEVICE_JPEG_MODES = frozenset({"RGB", "L"})
 
 
@@ -98,6 +99,8 @@ def _device_jpeg_orientation(data: bytes, max_pixels: int) -> int | None:
             width, height = header.size
             if header.format != "JPEG" or header.mode not in DEVICE_JPEG_MODES or not 0 < width * height <= max_pixels:
                 return None
+            if header.mode == "RGB" and header.info.get("adobe_transform") == 0:
+                return None  # stored as RGB, not YCbCr (Adobe's marker says so): not checked on nvJPEG
             return exif_orientation(header)
     except Exception:  # noqa: BLE001 - any header fault is decode_image's to word
         return None
