@@ -54,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 
 from dap_ray.data.device_decode import decode_on_device  # noqa: E402
 from dap_ray.data.images import decode_image  # noqa: E402
+from dap_ray.evaluation.localisation import box_iou  # noqa: E402
 from dap_ray.localisation.boxes import BoxConfig, cam_to_boxes_batch  # noqa: E402
 from dap_ray.localisation.cam import CamExtractor, resize_tensor  # noqa: E402
 from dap_ray.localisation.stages import EncodedCamBoxStage, decode_and_resize  # noqa: E402
@@ -264,20 +265,13 @@ def parity(device: torch.device, datas: list[bytes], model: torch.nn.Module, sca
     top_iou = []
     for (a, _), (b, _) in zip(boxes_device, boxes_cpu):
         if len(a) and len(b):
-            top_iou.append(float(_iou(a[0], b[0])))
+            top_iou.append(float(box_iou(a[:1], b[:1])[0, 0]))
     report["cams_vs_cpu"] = {"images": len(datas), "min_correlation": round(min(correlations), 5),
                              "mean_correlation": round(float(np.mean(correlations)), 5),
                              "same_box_count": round(float(np.mean(same_count)), 3),
                              "top_box_iou_mean": round(float(np.mean(top_iou)), 4) if top_iou else None,
                              "top_box_iou_min": round(float(np.min(top_iou)), 4) if top_iou else None}
     return report
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
-    return w * h / union if union > 0 else 0.0
 
 
 def measure(model, datas, labels, table, batch, scales, device, config, arch) -> dict:
@@ -349,7 +343,7 @@ def main() -> None:
     sizes = [Image.open(io.BytesIO(d)).size for d in datas[:500]]
     save("photos", {"sources": [str(Path(s).relative_to(Path(s).parents[2])) for s in sources], "count": len(datas),
                     "mean_bytes": round(float(np.mean([len(d) for d in datas]))),
-                    "mean_size": [round(float(np.mean([s[0] for s in sizes]))), round(float(np.mean([s[1] for s in sizes])))],
+                    "mean_size": [round(float(np.mean([s[k] for s in sizes]))) for k in (0, 1)],
                     "made_in_s": round(time.perf_counter() - start, 1)})
 
     if args.parity_only:

@@ -11,11 +11,12 @@ differ from libjpeg's by a few levels in some pixels.
 Routing, from the header alone (PIL reads it without decoding): baseline or progressive
 JPEGs in YCbCr or grayscale go to the device decoder. To :func:`decode_image` go CMYK and
 YCCK JPEGs, which PIL turns into RGB its own way, and JPEGs whose Adobe marker says they
-hold RGB itself (nvJPEG's output for either was not checked against PIL's); JPEGs whose markers are damaged or cut short (:func:`jpeg_structure_is_sound`:
-nvJPEG would decode them without a word); and every other format (PNG, WebP, ...). A device
-batch that fails is retried one image at a time, and an image the device decoder refuses is
-decoded by :func:`decode_image`, whose :class:`BadImageError` names the fault; so nothing is
-lost and a corrupt file is an error, never a crash.
+hold RGB itself (nvJPEG's output for either was not checked against PIL's); JPEGs whose
+markers are damaged or cut short (:func:`jpeg_structure_is_sound`: nvJPEG would decode them
+without a word); and every other format (PNG, WebP, ...). A device batch that fails is
+retried one image at a time, and an image the device decoder refuses is decoded by
+:func:`decode_image`, whose :class:`BadImageError` names the fault; so nothing is lost and a
+corrupt file is an error, never a crash.
 """
 
 from __future__ import annotations

@@ -72,10 +72,8 @@ def decode_and_resize(batch: pa.Table, scales: tuple[int, ...], max_pixels: int 
                 image = decode_image(data, max_pixels)
             except BadImageError as exc:
                 error = str(exc)
-        if not error and min(image.shape[:2]) < MIN_IMAGE_SIDE:
-            error = f"image of {image.shape[1]}x{image.shape[0]} pixels is too small (under {MIN_IMAGE_SIDE} pixels a side)"
-        if not error and label < 0:
-            error = "no label"
+        if not error:
+            error = _decoded_image_error(image.shape[1], image.shape[0], label)
         out["image_id"].append(image_id)
         out["label"].append(label)
         out["error"].append(error)
@@ -89,6 +87,13 @@ def decode_and_resize(batch: pa.Table, scales: tuple[int, ...], max_pixels: int 
             out[f"w{j}"].append(resized.shape[1] if resized is not None else 0)
     out.update(_provenance(rows))
     return pa.table(out)
+
+
+def _decoded_image_error(width: int, height: int, label: int) -> str:
+    """Why a decoded image of ``width`` x ``height`` pixels labelled ``label`` cannot be mined, or ``""``."""
+    if min(width, height) < MIN_IMAGE_SIDE:
+        return f"image of {width}x{height} pixels is too small (under {MIN_IMAGE_SIDE} pixels a side)"
+    return "no label" if label < 0 else ""
 
 
 def _provenance(rows: dict) -> dict:
@@ -120,11 +125,11 @@ class CamBoxStage:
         self.box_config = box_config
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
         rows = batch.to_pydict()
         errors = self._label_errors(rows, list(rows["error"]))
         good = [i for i in range(len(errors)) if not errors[i]]
-        import torch
-
         resized = [
             [torch.from_numpy(np.frombuffer(rows[f"pixels{j}"][i], np.uint8).reshape(rows[f"h{j}"][i],
                                                                                     rows[f"w{j}"][i], 3).copy())
@@ -193,11 +198,7 @@ class EncodedCamBoxStage(CamBoxStage):
                 errors[i] = fault
                 continue
             heights[i], widths[i] = int(image.shape[1]), int(image.shape[2])
-            if min(heights[i], widths[i]) < MIN_IMAGE_SIDE:
-                errors[i] = (f"image of {widths[i]}x{heights[i]} pixels is too small "
-                             f"(under {MIN_IMAGE_SIDE} pixels a side)")
-            elif rows["label"][i] < 0:
-                errors[i] = "no label"
+            errors[i] = _decoded_image_error(widths[i], heights[i], rows["label"][i])
         # As decode_and_resize: a retry mark lasts only on a row whose reading or decoding failed.
         retries = [bool(r and e) for r, e in zip(rows.get("retry") or [False] * n, errors)]
         rows = {**{k: v for k, v in rows.items() if k != "data"}, "width": widths, "height": heights,

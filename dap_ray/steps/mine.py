@@ -5,8 +5,8 @@ shards (tasks) -> on CPU-only runs, decode and resize to each CAM scale (tasks t
 fuses into the model actors) -> CAMs and boxes (:class:`CamBoxStage` on an actor pool, GPU
 or CPU, sized by :func:`resolve_actor_pool`; with GPUs :class:`EncodedCamBoxStage`, which
 takes the encoded bytes and decodes and resizes on the GPU, so the object store carries
-JPEGs rather than pixels and the node needs no CPUs to decode) -> write Parquet (tasks). Resume: outputs
-are written per batch, each file whole and named after its images, and a rerun skips every
+JPEGs rather than pixels and the node needs no CPUs to decode) -> write Parquet (tasks).
+Resume: outputs are written per batch, each file whole and named after its images, and a rerun skips every
 image already in ``boxes/`` or ``errors/``; so a rerun after a killed driver writes exactly
 the images that were missing.
 """
@@ -41,8 +41,8 @@ from dap_ray.localisation.stages import (
 from dap_ray.runs import open_run, settings_differ
 from dap_ray.steps.ray_setup import init_ray
 
-__all__ = ["CPU_BATCH_SIZE", "GPU_BATCH_SIZE", "GPU_FORWARD_IMAGES", "MAX_CPU_ACTORS", "MineConfig", "actor_pool_sizes", "mine",
-           "pool_problem", "resolve_actor_pool"]
+__all__ = ["CPU_BATCH_SIZE", "GPU_BATCH_SIZE", "GPU_FORWARD_IMAGES", "MAX_CPU_ACTORS", "MineConfig", "actor_pool_sizes",
+           "mine", "pool_problem", "resolve_actor_pool"]
 
 # CPU pools: on 2 cores two one-thread actors mine about 15% faster than one actor on both
 # cores, whose threads stall whenever another process takes a core (benchmarks/bench_mine.py);
@@ -297,8 +297,9 @@ def _mine(cfg: MineConfig, output: Path) -> dict:
         # On CPU, decode tasks ask for what a model actor holds, so that Ray Data fuses them into
         # the actors: decoding is ~1% of the work there, and fusing saves a worker that imports
         # torch at start-up and the pixels' trip through the object store (~3% on 2 cores).
-        # With GPUs the actors decode on the GPU: pixels for both scales are ~10x the JPEG's
-        # bytes, and a GPU at 2,000 images/s would need 8-16 cores decoding for it.
+        # With GPUs the actors decode on the GPU: pixels for both scales are ~45x an ImageNet-like
+        # JPEG's bytes, and decoding them at 2,000 images/s would take 7-14 cores per GPU
+        # (benchmarks/bench_gpu_mine.py).
         decode_in_actors = cfg.decode == "actors" or (cfg.decode == "auto" and on_gpu)
         if not decode_in_actors:
             ds = ds.map_batches(decode_and_resize, batch_format="pyarrow", batch_size=16,
