@@ -1,4 +1,4 @@
-"""CAM-to-box speed on one CPU core: vectorised batch vs. one map at a time vs. the
+"""CAM-to-box speed on one CPU core: batched calls vs. one map a call vs. the
 straightforward per-component reference (the authors' released script's method), on
 CAM-like maps of two kinds: uniform 18x24 maps (a 4:3 image at 576) and mixed shapes (image
 sides drawn from 48 to 1,400 px, as in web-crawled data with panoramas and thin strips; the
@@ -73,15 +73,16 @@ def rates(runs: dict[str, tuple], repeats: int) -> dict[str, float]:
 def measure(name: str, maps: list[np.ndarray], sizes: list, batch: int, preset: str, repeats: int) -> dict[str, float]:
     config = BoxConfig.from_preset(preset)
     few = max(1, len(maps) // 4)
-    # Warm-ups: the reference's first call imports scipy, which must not count as its work.
+    # Warm-ups: the first calls compile the boxes (or load them from numba's cache) and import
+    # scipy for the reference, which must not count as work.
     cam_to_boxes_batch(maps[:batch], sizes[:batch], config)
     cam_to_boxes(maps[0], sizes[0], preset=preset)
     cam_to_boxes_reference(maps[0], sizes[0], config)
     batches = [(maps[i : i + batch], sizes[i : i + batch]) for i in range(0, len(maps), batch)]
     results = rates({
-        f"vectorised, batches of {batch}": (lambda: [cam_to_boxes_batch(m, s, config) for m, s in batches],
+        f"batches of {batch}": (lambda: [cam_to_boxes_batch(m, s, config) for m, s in batches],
                                             len(maps)),
-        "vectorised, one map a call": (
+        "one map a call": (
             lambda: [cam_to_boxes(m, s, preset=preset) for m, s in zip(maps[:few], sizes)], few
         ),
         "per-component reference": (
@@ -94,9 +95,9 @@ def measure(name: str, maps: list[np.ndarray], sizes: list, batch: int, preset: 
     for label, per_s in results.items():
         print(f"{label:>28}: {per_s:10.0f} maps/s  {1e3 / per_s:7.4f} ms/map")
     base = results["per-component reference"]
-    batched = results[f"vectorised, batches of {batch}"]
+    batched = results[f"batches of {batch}"]
     print(f"speed-up over the reference: batched {batched / base:.1f}x, "
-          f"one map a call {results['vectorised, one map a call'] / base:.1f}x\n")
+          f"one map a call {results['one map a call'] / base:.1f}x\n")
     return results
 
 

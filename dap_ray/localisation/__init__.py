@@ -1,4 +1,4 @@
-"""Step 2's math, plain torch/numpy/OpenCV: class activation maps (:mod:`.cam`), boxes from
+"""Step 2's math, plain torch/numpy/OpenCV/numba: class activation maps (:mod:`.cam`), boxes from
 them (:mod:`.boxes`, with the per-component reference in :mod:`.boxes_reference`), and the
 mining stages over pyarrow batches that Ray Data strings together (:mod:`.stages`).
 

@@ -8,14 +8,14 @@ merged by NMS.
 Box convention (the whole project): xyxy, absolute pixels of the original image, float32,
 shape (N, 4); no boxes is shape (0, 4).
 
-The implementation is vectorised over components, thresholds and maps: every map is turned
-long side down, and every (map, threshold) foreground mask, cropped to its rows holding
-foreground, is stacked into one tall image separated by empty rows, labelled by a single
-OpenCV call; the moments of all kept components come from the row sums of their weights;
-NMS runs for all maps at once. The work follows the cells: maps of any mix of shapes pad
-only their short sides, to the widest among maps of similar short side.
-:mod:`dap_ray.localisation.boxes_reference` holds the straightforward per-component version that this
-one is tested against.
+The work is one compiled loop (numba) over maps, thresholds and components: per map and
+threshold, a flood fill labels the 4-connected components in raster order, the kept ones'
+moments are summed over their rectangles (or their own cells), and a greedy NMS merges the
+map's boxes. Its cost follows each map's own cells, so one panorama in a batch costs only
+itself. The first call in a process compiles the loop (a few seconds) and caches it beside
+this file, or in numba's user cache when that is read-only (with neither, every process
+compiles). :mod:`dap_ray.localisation.boxes_reference` holds the
+straightforward per-component NumPy/SciPy version that this one is tested against.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
-import cv2
+import numba
 import numpy as np
 
 __all__ = ["BoxConfig", "PRESETS", "cam_to_boxes", "cam_to_boxes_batch", "empty_boxes"]
@@ -48,16 +48,6 @@ PRESETS: dict[str, dict[str, object]] = {
         ties_later_first=False,
     ),
 }
-
-# Maps processed together are stacked long side down in one image as wide as their widest
-# short side, so a chunk holds maps of similar short sides: at most _CHUNK_MAPS maps and
-# _CHUNK_CELLS padded cells (bounding the chunk's arrays), with padding adding at most
-# _CHUNK_PADDING - 1 of the chunk's own cells. One panorama in a batch then costs its own
-# cells, not every map's.
-_CHUNK_MAPS = 1024
-_CHUNK_CELLS = _CHUNK_MAPS * 18 * 24
-_CHUNK_PADDING = 1.25
-
 
 @dataclass(frozen=True)
 class BoxConfig:
@@ -200,43 +190,7 @@ def cam_to_boxes_batch(
         for i, m in enumerate(maps):
             _as_map(m, f"cams[{i}]")
     sizes = _as_sizes(image_sizes, "image_sizes")
-    chunks = _similar_shape_chunks([m.shape for m in maps])
-    if len(chunks) == 1:
-        return _boxes_for_maps([maps[i] for i in chunks[0]], sizes[chunks[0]], config)
-    out: list[tuple[np.ndarray, np.ndarray]] = [empty_boxes()] * len(maps)
-    for chunk in chunks:
-        for i, result in zip(chunk, _boxes_for_maps([maps[i] for i in chunk], sizes[chunk], config)):
-            out[i] = result
-    return out
-
-
-def _similar_shape_chunks(shapes: Sequence[tuple[int, int]]) -> list[list[int]]:
-    """Indices of maps to process together (see ``_CHUNK_PADDING``).
-
-    Maps are packed long side down, one under another, so only their short sides pad (to the
-    chunk's widest); maps are grouped by short side, and long sides cost nothing extra.
-    """
-    if not shapes:
-        return []
-    sides = np.asarray(shapes, np.int64)
-    short, long = sides.min(axis=1), sides.max(axis=1)
-    if len(shapes) <= _CHUNK_MAPS and (short == short[0]).all() and int(long.sum() * short[0]) <= _CHUNK_CELLS:
-        return [list(range(len(shapes)))]
-    chunks: list[list[int]] = []
-    current: list[int] = []
-    cells = rows = 0
-    for i in np.argsort(short, kind="stable").tolist():
-        s, n = int(short[i]), int(long[i])
-        padded = (rows + n) * s  # sorted by short side: this map's is the widest so far
-        if current and (len(current) >= _CHUNK_MAPS or padded > _CHUNK_CELLS
-                        or padded > _CHUNK_PADDING * (cells + s * n)):
-            chunks.append(current)
-            current, cells, rows = [], 0, 0
-        current.append(i)
-        cells += s * n
-        rows += n
-    chunks.append(current)
-    return chunks
+    return _boxes_for_maps(maps, sizes, config)
 
 
 def _as_map(cam: object, name: str, check_finite: bool = True) -> np.ndarray:
@@ -269,175 +223,232 @@ def _as_sizes(image_sizes: object, name: str) -> np.ndarray:
     return sizes
 
 
+def _compiled(function):
+    """``numba.njit``, cached on disk where numba finds a writable place (this package's
+    ``__pycache__``, else numba's user cache), so that a process loads rather than compiles."""
+    try:
+        return numba.njit(cache=True, nogil=True)(function)
+    except RuntimeError:  # numba found no writable cache location: compile in each process
+        return numba.njit(nogil=True)(function)
+
+
 def _boxes_for_maps(
     maps: list[np.ndarray], sizes: np.ndarray, config: BoxConfig
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     num_maps = len(maps)
     if num_maps == 0:
         return []
-    thresholds = np.asarray(config.thresholds, np.float32)
-    num_thr = len(thresholds)
-
-    # Every map long side down: maps wider than tall are transposed ("flipped"), then all
-    # are stacked into one column of rows as wide as the widest short side. The padding
-    # is 0, never above a threshold (thresholds are >= 0 and foreground is strictly above).
-    flipped = np.array([m.shape[1] > m.shape[0] for m in maps])
-    oriented = [m.T if f else m for m, f in zip(maps, flipped)]
-    heights = np.array([m.shape[0] for m in oriented], np.int64)
-    widths = np.array([m.shape[1] for m in oriented], np.int64)
-    width = int(widths.max())
-    offsets = np.cumsum(heights) - heights
-    total_rows = int(heights.sum())
-    if (widths == width).all():
-        stack = np.concatenate(oriented)
-    else:
-        stack = np.zeros((total_rows, width), np.float32)
-        for m, offset in zip(oriented, offsets.tolist()):
-            stack[offset : offset + m.shape[0], : m.shape[1]] = m
-    fg = stack[None] > thresholds[:, None, None]
-
-    # One block per (map, threshold) holding foreground, cropped to the rows holding any and
-    # followed by an empty row so that no component crosses blocks; blocks in (map,
-    # threshold) order; one labelling call for the whole chunk.
-    row_any = stack.max(axis=1)[None] > thresholds[:, None]
-    row_index = np.arange(total_rows)
-    first = np.minimum.reduceat(np.where(row_any, row_index, total_rows), offsets, axis=1).T.ravel()
-    last = np.maximum.reduceat(np.where(row_any, row_index, -1), offsets, axis=1).T.ravel()
-    block_ids = np.flatnonzero(last >= 0)  # map * num_thr + threshold index
-    if len(block_ids) == 0:
-        return [empty_boxes() for _ in range(num_maps)]
-    block_first = first[block_ids]
-    lengths = last[block_ids] - block_first + 2
-    starts = np.cumsum(lengths) - lengths
-    num_rows = int(lengths.sum())
-    within = np.arange(num_rows) - np.repeat(starts, lengths)
-    gap = within == np.repeat(lengths - 1, lengths)
-    source_row = np.where(gap, 0, np.repeat(block_first, lengths) + within)
-    tall = fg.reshape(num_thr * total_rows, width)[source_row + np.repeat(block_ids % num_thr * total_rows, lengths)]
-    tall[gap] = False
-    num_labels, labels, stats, _ = cv2.connectedComponentsWithStats(
-        tall.view(np.uint8), connectivity=4, ltype=cv2.CV_32S
+    shapes = np.array([m.shape for m in maps], np.int64).reshape(num_maps, 2)
+    values = np.concatenate([m.ravel() for m in maps])
+    rows, counts = _boxes_kernel(
+        values,
+        shapes,
+        np.ascontiguousarray(sizes),  # one array layout: another would compile again
+        np.asarray(config.thresholds, np.float32),
+        np.float32(config.moment_bias),
+        float(config.stride),
+        float(config.scale),
+        config.size_measure == "rectangle",
+        config.moment_region == "rectangle",
+        -1 if config.max_components is None else int(config.max_components),
+        bool(config.ties_later_first),
+        float(config.nms_iou),
     )
-    if num_labels <= 1:
-        return [empty_boxes() for _ in range(num_maps)]
-    left, top, comp_w, comp_h, cells = (stats[1:, j].astype(np.int64) for j in range(5))
-    block_position = np.searchsorted(starts, top, side="right") - 1
-    block = block_ids[block_position]
-
-    # Rank components within their block; keep while size >= half the largest's. Ties go
-    # by raster order in the map as given; labelling order is that, except in flipped maps,
-    # where it is the map's column order: ties there are re-keyed.
-    size = comp_w * comp_h if config.size_measure == "rectangle" else cells
-    tie_sign = -1 if config.ties_later_first else 1
-    raster = np.arange(len(size))
-    order = np.lexsort((tie_sign * raster, -size, block))
-    same = (block[order][1:] == block[order][:-1]) & (size[order][1:] == size[order][:-1])
-    tied = np.r_[same, False] | np.r_[False, same]
-    rekey = order[tied & flipped[block[order] // num_thr]]
-    for k in rekey.tolist():
-        column = labels[top[k] : top[k] + comp_h[k], left[k]]
-        raster[k] = left[k] * num_rows + top[k] + int(np.argmax(column == k + 1))
-    if len(rekey):
-        order = np.lexsort((tie_sign * raster, -size, block))
-    block_sorted, size_sorted = block[order], size[order]
-    position = np.arange(len(order))
-    starts_group = np.r_[True, block_sorted[1:] != block_sorted[:-1]]
-    group_start = np.maximum.accumulate(np.where(starts_group, position, 0))
-    keep = 2 * size_sorted >= size_sorted[group_start]
-    if config.max_components is not None:
-        keep &= (position - group_start) < config.max_components
-    comp = order[keep]
-    map_index = block[comp] // num_thr
-
-    # Weighted moments of each kept component over its own rows only: per row, the sums of
-    # w, w*col and w*col^2 over the region's cells, then per component over its rows (which
-    # are consecutive), with y the row in the map.
-    rows_per_comp = comp_h[comp]
-    row_starts = np.cumsum(rows_per_comp) - rows_per_comp
-    comp_of_row = np.repeat(np.arange(len(comp)), rows_per_comp)
-    rows = np.arange(len(comp_of_row)) + np.repeat(top[comp] - row_starts, rows_per_comp)
-    cols = np.arange(width)
-    if config.moment_region == "rectangle":
-        c0, c1 = left[comp], left[comp] + comp_w[comp]
-        in_cols = (cols >= c0[:, None]) & (cols < c1[:, None])
-        region = tall[rows] & in_cols[comp_of_row]
-    else:
-        region = labels[rows] == (comp + 1)[comp_of_row][:, None]
-    weight = (stack + np.float32(config.moment_bias))[source_row[rows]]
-    weight *= region
-    comp_block = block_position[comp]
-    map_top = starts[comp_block] - block_first[comp_block] + offsets[map_index]
-    y = (rows - np.repeat(map_top, rows_per_comp)).astype(np.float64)
-    # In float64: float32 row sums move a small box's area by ~1e-4 relative.
-    per_row = np.empty((len(rows), 5))
-    per_row[:, :3] = weight.astype(np.float64) @ np.stack([np.ones(width), cols, cols * cols], axis=1)
-    per_row[:, 3] = per_row[:, 0] * y
-    per_row[:, 4] = per_row[:, 3] * y
-    s0, sc, scc, sr, srr = np.add.reduceat(per_row, row_starts, axis=0).T
-    mean_c, mean_r = sc / s0, sr / s0
-    side_c = np.maximum(1.0, np.sqrt(12.0 * np.maximum(scc / s0 - mean_c * mean_c, 0.0)))
-    side_r = np.maximum(1.0, np.sqrt(12.0 * np.maximum(srr / s0 - mean_r * mean_r, 0.0)))
-    flip = flipped[map_index]
-    cx, cy = np.where(flip, mean_r, mean_c), np.where(flip, mean_c, mean_r)
-    box_w, box_h = np.where(flip, side_r, side_c), np.where(flip, side_c, side_r)
-    x1 = cx + 0.5 - box_w / 2
-    y1 = cy + 0.5 - box_h / 2
-
-    # Cells to original-image pixels, then clip.
-    img_w, img_h = sizes[map_index, 0], sizes[map_index, 1]
-    cell = config.stride * np.minimum(img_w, img_h) / config.scale
-    boxes = np.stack([x1 * cell, y1 * cell, (x1 + box_w) * cell, (y1 + box_h) * cell], axis=1)
-    np.clip(boxes[:, 0::2], 0.0, (img_w - 1)[:, None], out=boxes[:, 0::2])
-    np.clip(boxes[:, 1::2], 0.0, (img_h - 1)[:, None], out=boxes[:, 1::2])
-
-    # A box clipped to nothing lay wholly in the stride padding past the image's edge:
-    # it cannot be trained on (detectors reject it) nor normalise scores, so drop it.
-    real = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    if not real.all():
-        boxes, map_index = boxes[real], map_index[real]
-
-    # Score: area over the area of the map's first box (lowest threshold, top rank).
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    counts = np.bincount(map_index, minlength=num_maps)
-    if len(area) == 0:
-        return [empty_boxes() for _ in range(num_maps)]
-    first = np.minimum(np.cumsum(counts) - counts, len(area) - 1)
-    scores = area / area[first][map_index]
-    return _nms_by_map(boxes, scores, map_index, counts, config.nms_iou)
+    boxes, scores = rows[:, :4].astype(np.float32), rows[:, 4].astype(np.float32)
+    ends = np.cumsum(counts).tolist()
+    return [(boxes[s:e], scores[s:e]) for s, e in zip([0] + ends[:-1], ends)]
 
 
-def _nms_by_map(
-    boxes: np.ndarray, scores: np.ndarray, map_index: np.ndarray, counts: np.ndarray, iou_max: float
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Greedy NMS inside each map, all maps at once. ``boxes`` are grouped by map."""
-    num_maps = len(counts)
-    width = int(counts.max())
-    # Within each map: highest score first; ties keep production order (stable).
-    order = np.lexsort((-scores, map_index))
-    boxes, scores, map_index = boxes[order], scores[order], map_index[order]
-    slot = np.arange(len(order)) - (np.cumsum(counts) - counts)[map_index]
-    padded = np.zeros((num_maps, width, 4))
-    padded[map_index, slot] = boxes
-    valid = np.zeros((num_maps, width), bool)
-    valid[map_index, slot] = True
+@_compiled
+def _boxes_kernel(values, shapes, sizes, thresholds, bias, stride, scale, rectangle_size,
+                  rectangle_region, max_components, later_first, nms_iou):
+    """All maps' boxes: float64 (N, 5) rows of xyxy box and score, grouped by map, and the
+    int64 (B,) number of boxes of each map. ``values`` holds the float32 maps one after
+    another, each row-major with the (h, w) of ``shapes``; ``sizes`` the images' float64 (W, H)."""
+    num_maps = shapes.shape[0]
+    largest = 1
+    for i in range(num_maps):
+        largest = max(largest, shapes[i, 0] * shapes[i, 1])
+    labels = np.empty(largest, np.int32)
+    pending_r = np.empty(largest, np.int64)  # the flood fill's stack of cells: rows
+    pending_c = np.empty(largest, np.int64)  # and columns
+    top = np.empty(largest + 1, np.int64)
+    left = np.empty(largest + 1, np.int64)
+    bottom = np.empty(largest + 1, np.int64)
+    right = np.empty(largest + 1, np.int64)
+    cells = np.empty(largest + 1, np.int64)
+    keys = np.empty(largest, np.int64)
+    map_boxes = np.empty((16, 5), np.float64)  # the map's boxes: x1, y1, x2, y2, area
+    out = np.empty((4 * num_maps + 16, 5), np.float64)  # the kept boxes: x1, y1, x2, y2, score
+    counts = np.zeros(num_maps, np.int64)
+    num_out = 0
+    start = 0
+    for i in range(num_maps):
+        h, w = shapes[i, 0], shapes[i, 1]
+        cam = values[start : start + h * w]
+        start += h * w
+        img_w, img_h = sizes[i, 0], sizes[i, 1]
+        cell = stride * min(img_w, img_h) / scale
+        num_boxes = 0
+        for t in thresholds:
+            # Label the cells above t, components numbered in raster order of their first cell.
+            labels[: h * w] = 0
+            num_labels = 0
+            for r0 in range(h):
+                for c0 in range(w):
+                    p = r0 * w + c0
+                    if cam[p] <= t or labels[p] != 0:
+                        continue
+                    num_labels += 1
+                    k = num_labels
+                    labels[p] = k
+                    pending_r[0], pending_c[0] = r0, c0
+                    depth = 1
+                    r_min, r_max, c_min, c_max, count = r0, r0, c0, c0, 0
+                    while depth > 0:
+                        depth -= 1
+                        r, c = pending_r[depth], pending_c[depth]
+                        q = r * w + c
+                        count += 1
+                        r_min, r_max = min(r_min, r), max(r_max, r)
+                        c_min, c_max = min(c_min, c), max(c_max, c)
+                        if r > 0 and labels[q - w] == 0 and cam[q - w] > t:
+                            labels[q - w] = k
+                            pending_r[depth], pending_c[depth] = r - 1, c
+                            depth += 1
+                        if r + 1 < h and labels[q + w] == 0 and cam[q + w] > t:
+                            labels[q + w] = k
+                            pending_r[depth], pending_c[depth] = r + 1, c
+                            depth += 1
+                        if c > 0 and labels[q - 1] == 0 and cam[q - 1] > t:
+                            labels[q - 1] = k
+                            pending_r[depth], pending_c[depth] = r, c - 1
+                            depth += 1
+                        if c + 1 < w and labels[q + 1] == 0 and cam[q + 1] > t:
+                            labels[q + 1] = k
+                            pending_r[depth], pending_c[depth] = r, c + 1
+                            depth += 1
+                    top[k], bottom[k], left[k], right[k], cells[k] = r_min, r_max, c_min, c_max, count
+            if num_labels == 0:
+                continue
 
-    x1, y1, x2, y2 = (padded[..., j] for j in range(4))
-    area = (x2 - x1) * (y2 - y1)
-    inter_w = np.clip(np.minimum(x2[:, :, None], x2[:, None]) - np.maximum(x1[:, :, None], x1[:, None]), 0, None)
-    inter_h = np.clip(np.minimum(y2[:, :, None], y2[:, None]) - np.maximum(y1[:, :, None], y1[:, None]), 0, None)
-    inter = inter_w * inter_h
-    union = area[:, :, None] + area[:, None] - inter
-    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-    overlaps = iou > iou_max
+            # Rank by size (ties: later label first, or earlier) and keep those at least half
+            # the largest, up to max_components.
+            biggest = 0
+            span = num_labels + 1  # a key is -size * span + tie rank, tie rank in [1, span)
+            for k in range(1, num_labels + 1):
+                if rectangle_size:
+                    cells[k] = (bottom[k] - top[k] + 1) * (right[k] - left[k] + 1)
+                biggest = max(biggest, cells[k])
+            num_ranked = 0
+            for k in range(1, num_labels + 1):
+                if 2 * cells[k] >= biggest:
+                    keys[num_ranked] = -cells[k] * span + (span - k if later_first else k)
+                    num_ranked += 1
+            ranked = _stable_order(keys[:num_ranked])
+            if max_components >= 0:
+                num_ranked = min(num_ranked, max_components)
+            for j in range(num_ranked):
+                k = keys[ranked[j]] % span
+                k = span - k if later_first else k
 
-    kept = np.zeros((num_maps, width), bool)
-    suppressed = ~valid
-    for i in range(width):
-        alive = ~suppressed[:, i]
-        kept[:, i] = alive
-        suppressed[:, i + 1 :] |= alive[:, None] & overlaps[:, i, i + 1 :]
+                # The moments of the component's weights (CAM + bias) over its cells, or over
+                # every cell above t inside its rectangle.
+                s0 = sc = scc = sr = srr = 0.0
+                for r in range(top[k], bottom[k] + 1):
+                    for c in range(left[k], right[k] + 1):
+                        p = r * w + c
+                        if (cam[p] > t) if rectangle_region else (labels[p] == k):
+                            weight = np.float64(cam[p] + bias)
+                            s0 += weight
+                            sc += weight * c
+                            scc += weight * c * c
+                            sr += weight * r
+                            srr += weight * r * r
+                mean_c, mean_r = sc / s0, sr / s0
+                side_c = max(1.0, np.sqrt(12.0 * max(scc / s0 - mean_c * mean_c, 0.0)))
+                side_r = max(1.0, np.sqrt(12.0 * max(srr / s0 - mean_r * mean_r, 0.0)))
+                x1 = mean_c + 0.5 - side_c / 2
+                y1 = mean_r + 0.5 - side_r / 2
+                # Cells to original-image pixels, clipped. A box clipped to nothing lay wholly in
+                # the stride padding past the image's edge: detectors reject it, so drop it.
+                bx1 = min(max(x1 * cell, 0.0), img_w - 1)
+                by1 = min(max(y1 * cell, 0.0), img_h - 1)
+                bx2 = min(max((x1 + side_c) * cell, 0.0), img_w - 1)
+                by2 = min(max((y1 + side_r) * cell, 0.0), img_h - 1)
+                if bx2 <= bx1 or by2 <= by1:
+                    continue
+                if num_boxes == len(map_boxes):
+                    map_boxes = _grown(map_boxes, num_boxes)
+                map_boxes[num_boxes, 0] = bx1
+                map_boxes[num_boxes, 1] = by1
+                map_boxes[num_boxes, 2] = bx2
+                map_boxes[num_boxes, 3] = by2
+                map_boxes[num_boxes, 4] = (bx2 - bx1) * (by2 - by1)
+                num_boxes += 1
+        if num_boxes == 0:
+            continue
 
-    kept_flat = kept[map_index, slot]
-    boxes32, scores32 = boxes[kept_flat].astype(np.float32), scores[kept_flat].astype(np.float32)
-    ends = np.cumsum(np.bincount(map_index[kept_flat], minlength=num_maps)).tolist()
-    return [(boxes32[s:e], scores32[s:e]) for s, e in zip([0] + ends[:-1], ends)]
+        # Score: area over the area of the map's first box (lowest threshold, top rank); then
+        # greedy NMS, highest score first, ties in the order the boxes were made.
+        scores = np.empty(num_boxes, np.float64)
+        for a in range(num_boxes):
+            scores[a] = map_boxes[a, 4] / map_boxes[0, 4]
+        order = _stable_order(-scores)
+        kept = np.empty(num_boxes, np.int64)
+        num_kept = 0
+        for a in order:
+            keep = True
+            for b in kept[:num_kept]:
+                inter = (max(0.0, min(map_boxes[a, 2], map_boxes[b, 2]) - max(map_boxes[a, 0], map_boxes[b, 0]))
+                         * max(0.0, min(map_boxes[a, 3], map_boxes[b, 3]) - max(map_boxes[a, 1], map_boxes[b, 1])))
+                union = map_boxes[a, 4] + map_boxes[b, 4] - inter
+                if union > 0 and inter / union > nms_iou:
+                    keep = False
+                    break
+            if keep:
+                kept[num_kept] = a
+                num_kept += 1
+        for a in kept[:num_kept]:
+            if num_out == len(out):
+                out = _grown(out, num_out)
+            for j in range(4):
+                out[num_out, j] = map_boxes[a, j]
+            out[num_out, 4] = scores[a]
+            num_out += 1
+        counts[i] = num_kept
+    return out[:num_out], counts
+
+
+@_compiled
+def _grown(rows, used):
+    """A copy of the 2-D ``rows`` with twice the rows, the first ``used`` copied."""
+    grown = np.empty((2 * rows.shape[0], rows.shape[1]), rows.dtype)
+    for j in range(used):
+        for k in range(rows.shape[1]):
+            grown[j, k] = rows[j, k]
+    return grown
+
+
+@_compiled
+def _stable_order(values):
+    """Indices that sort ``values`` ascending, equal values in their given order (a merge sort:
+    numba compiles this in a fraction of the time it takes for ``np.argsort``)."""
+    n = len(values)
+    order = np.arange(n)
+    spare = np.empty(n, np.int64)
+    width = 1
+    while width < n:
+        for lo in range(0, n, 2 * width):
+            mid, hi = min(lo + width, n), min(lo + 2 * width, n)
+            a, b = lo, mid
+            for j in range(lo, hi):
+                if b >= hi or (a < mid and values[order[a]] <= values[order[b]]):
+                    spare[j] = order[a]
+                    a += 1
+                else:
+                    spare[j] = order[b]
+                    b += 1
+        order, spare = spare, order
+        width *= 2
+    return order
