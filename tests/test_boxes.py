@@ -361,3 +361,20 @@ def test_boxes_compile_where_numba_has_nowhere_to_cache(monkeypatch):
         return x + 1
 
     assert boxes._compiled(add_one)(1) == 2
+
+
+def test_inputs_of_any_layout_share_one_compiled_kernel(rng):
+    """Numba compiles anew (seconds) for each array type, layout and writability it is given."""
+    from dap_ray.localisation import boxes
+
+    cam = smooth_map(rng, 18, 24)
+    read_only = np.array([[500.0, 375.0]])
+    read_only.flags.writeable = False
+    for cams, sizes in [
+        ([cam], [(500, 375)]),
+        ([cam.T], np.array([[375, 500]], np.int32)),
+        ([np.asfortranarray(cam.astype(np.float64))], np.asfortranarray([[500.0, 375.0]])),
+        ([cam[::2, ::3]], read_only),
+    ]:
+        cam_to_boxes_batch(cams, sizes)
+    assert len(boxes._boxes_kernel.signatures) == 1

@@ -243,7 +243,7 @@ def _boxes_for_maps(
     rows, counts = _boxes_kernel(
         values,
         shapes,
-        np.ascontiguousarray(sizes),  # one array layout: another would compile again
+        np.array(sizes, np.float64, order="C"),  # a writable C copy: another layout would compile again
         np.asarray(config.thresholds, np.float32),
         np.float32(config.moment_bias),
         float(config.stride),
