@@ -63,6 +63,7 @@ def test_mine_job_rejects_bad_input_clearly(tmp_path):
     result = subprocess.run([sys.executable, "jobs/mine.py", "--input", str(tmp_path / "nope"), "--output",
                              str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "image folder not found" in result.stderr and "Traceback" not in result.stderr
+    assert "Ray instance" not in result.stdout + result.stderr  # refused before Ray started (it took 13 s)
 
 
 @pytest.mark.parametrize("job", ["mine.py", "export_coco.py", "visualize.py"])

@@ -30,7 +30,7 @@ from urllib.parse import unquote_to_bytes
 
 from dap_ray.data.images import IMAGE_EXTENSIONS, class_folder_files, class_folders, read_class_map
 
-__all__ = ["FORMATS", "ImageReader", "id_to_path", "list_shards", "path_to_id", "read_shard", "shard_key"]
+__all__ = ["FORMATS", "ImageReader", "check_input", "id_to_path", "list_shards", "path_to_id", "read_shard", "shard_key"]
 
 FORMATS = ("folder", "tar", "parquet")
 
@@ -72,6 +72,22 @@ def shard_key(image_id: str, fmt: str = "tar") -> str:
     return image_id.split("/", 1)[0] if fmt == "folder" else image_id.split("::", 1)[0]
 
 
+def check_input(input_path: str | Path, fmt: str) -> Path:
+    """``input_path`` made absolute, once it is known to exist in a form ``fmt`` reads: a cheap
+    check that lets a job refuse a mistyped path before it starts Ray.
+
+    Raises ``ValueError`` naming the path (or the format, when unknown).
+    """
+    root = Path(input_path).resolve()
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown input format {fmt!r}: expected one of {FORMATS}")
+    if fmt == "folder" and not root.is_dir():
+        raise ValueError(f"image folder not found: {root}")
+    if fmt != "folder" and not (root.is_file() or root.is_dir()):
+        raise ValueError(f"input not found: {root}")
+    return root
+
+
 def list_shards(
     input_path: str | Path,
     fmt: str,
@@ -94,9 +110,7 @@ def list_shards(
     ``skip``: image ids already mined, handed to the shards they belong to (by
     :func:`shard_key`), which pass over them when read.
     """
-    root = Path(input_path).resolve()
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown input format {fmt!r}: expected one of {FORMATS}")
+    root = check_input(input_path, fmt)
     by_key: dict[str, list[str]] = {}
     for image_id in skip:
         by_key.setdefault(shard_key(image_id, fmt), []).append(image_id)
@@ -108,11 +122,9 @@ def list_shards(
     if root.is_file():
         files = [root]
         base = root.parent
-    elif root.is_dir():
+    else:
         files = sorted(p for p in root.rglob(f"*{suffix}") if p.is_file())
         base = root
-    else:
-        raise ValueError(f"input not found: {root}")
     if not files:
         raise ValueError(f"no {suffix} files under {root}")
     classes = read_class_map(class_map) if class_map is not None else []

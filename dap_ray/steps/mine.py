@@ -27,7 +27,7 @@ import yaml
 
 from dap_ray.config import config_to_dict, save_config
 from dap_ray.data.images import classifier_classes, first_class_difference, read_class_map
-from dap_ray.data.sources import list_shards, read_shard
+from dap_ray.data.sources import check_input, list_shards, read_shard
 from dap_ray.localisation.boxes import BoxConfig
 from dap_ray.localisation.stages import (
     CamBoxStage,
@@ -204,6 +204,7 @@ def mine(cfg: MineConfig) -> dict:
         raise ValueError(f"classifier weights not found: {cfg.weights}")
     if cfg.class_map and not Path(cfg.class_map).is_file():
         raise ValueError(f"class map not found: {cfg.class_map}")
+    check_input(cfg.input, cfg.format)  # a mistyped path fails at once, not after Ray's start-up
     with open_run(Path(cfg.output).resolve()) as output:
         return _mine(cfg, output)
 
