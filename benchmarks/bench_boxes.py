@@ -80,8 +80,7 @@ def measure(name: str, maps: list[np.ndarray], sizes: list, batch: int, preset: 
     cam_to_boxes_reference(maps[0], sizes[0], config)
     batches = [(maps[i : i + batch], sizes[i : i + batch]) for i in range(0, len(maps), batch)]
     results = rates({
-        f"batches of {batch}": (lambda: [cam_to_boxes_batch(m, s, config) for m, s in batches],
-                                            len(maps)),
+        f"batches of {batch}": (lambda: [cam_to_boxes_batch(m, s, config) for m, s in batches], len(maps)),
         "one map a call": (
             lambda: [cam_to_boxes(m, s, preset=preset) for m, s in zip(maps[:few], sizes)], few
         ),

@@ -163,7 +163,9 @@ def cam_to_boxes(
     config = BoxConfig.from_preset(
         preset, scale=scale, stride=stride, thresholds=tuple(thresholds), nms_iou=nms_iou, **knobs
     )
-    return _boxes_for_maps([_as_map(cam, "cam")], _as_sizes([image_size], "image_size"), config)[0]
+    maps = [_as_map(cam, "cam")]
+    values = _joined(maps, "cam")
+    return _boxes_for_maps(maps, values, _as_sizes([image_size], "image_size"), config)[0]
 
 
 def cam_to_boxes_batch(
@@ -183,15 +185,13 @@ def cam_to_boxes_batch(
     """
     if len(cams) != len(image_sizes):
         raise ValueError(f"got {len(cams)} cams but {len(image_sizes)} image sizes")
-    maps = [_as_map(cam, f"cams[{i}]", check_finite=False) for i, cam in enumerate(cams)]
-    if maps and not np.isfinite(np.concatenate([m.ravel() for m in maps])).all():
-        for i, m in enumerate(maps):
-            _as_map(m, f"cams[{i}]")
-    sizes = _as_sizes(image_sizes, "image_sizes")
-    return _boxes_for_maps(maps, sizes, config)
+    maps = [_as_map(cam, f"cams[{i}]") for i, cam in enumerate(cams)]
+    values = _joined(maps, "cams[{}]")
+    return _boxes_for_maps(maps, values, _as_sizes(image_sizes, "image_sizes"), config)
 
 
-def _as_map(cam: object, name: str, check_finite: bool = True) -> np.ndarray:
+def _as_map(cam: object, name: str) -> np.ndarray:
+    """``cam`` as a float32 (h, w) array; NaN and Inf are looked for once the maps are joined (:func:`_joined`)."""
     try:
         array = np.asarray(cam, dtype=np.float32)
     except (TypeError, ValueError):
@@ -200,9 +200,19 @@ def _as_map(cam: object, name: str, check_finite: bool = True) -> np.ndarray:
         raise ValueError(f"{name} must be a 2-D map (h, w), got shape {array.shape}")
     if array.size == 0:
         raise ValueError(f"{name} is empty (shape {array.shape})")
-    if check_finite and not np.isfinite(array).all():
-        raise ValueError(f"{name} contains NaN or Inf")
     return array
+
+
+def _joined(maps: list[np.ndarray], name: str) -> np.ndarray:
+    """The float32 ``maps`` one after another, row-major, as the compiled loop takes them;
+    ``name.format(i)`` names map i in the error a NaN or Inf raises."""
+    if not maps:
+        return np.zeros(0, np.float32)
+    values = np.concatenate([m.ravel() for m in maps])
+    if not np.isfinite(values).all():
+        bad = next(i for i, m in enumerate(maps) if not np.isfinite(m).all())
+        raise ValueError(f"{name.format(bad)} contains NaN or Inf")
+    return values
 
 
 def _as_sizes(image_sizes: object, name: str) -> np.ndarray:
@@ -222,13 +232,13 @@ def _as_sizes(image_sizes: object, name: str) -> np.ndarray:
 
 
 def _boxes_for_maps(
-    maps: list[np.ndarray], sizes: np.ndarray, config: BoxConfig
+    maps: list[np.ndarray], values: np.ndarray, sizes: np.ndarray, config: BoxConfig
 ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The boxes of checked ``maps``, whose cells ``values`` holds (:func:`_joined`)."""
     num_maps = len(maps)
     if num_maps == 0:
         return []
     shapes = np.array([m.shape for m in maps], np.int64).reshape(num_maps, 2)
-    values = np.concatenate([m.ravel() for m in maps])
     from dap_ray.localisation.boxes_loop import boxes_loop  # numba: imported when first needed
 
     rows, counts = boxes_loop(
