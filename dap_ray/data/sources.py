@@ -30,7 +30,8 @@ from urllib.parse import unquote_to_bytes
 
 from dap_ray.data.images import IMAGE_EXTENSIONS, class_folder_files, class_folders, read_class_map
 
-__all__ = ["FORMATS", "ImageReader", "check_input", "id_to_path", "list_shards", "path_to_id", "read_shard", "shard_key"]
+__all__ = ["FORMATS", "ImageReader", "check_input", "id_to_path", "list_shards", "path_to_id", "read_shard",
+           "shard_key"]
 
 FORMATS = ("folder", "tar", "parquet")
 
