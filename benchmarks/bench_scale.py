@@ -140,10 +140,10 @@ def measure(what: str, work: Path, images: int) -> dict:
         if what == "list-ray":
             import ray
 
-            from dap_ray.steps.mine import _map_on_ray
+            from dap_ray.steps.ray_setup import map_on_ray
 
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-            map_fn = _map_on_ray
+            map_fn = map_on_ray
         t0 = time.perf_counter()
         shards, _, _ = list_shards(work / "tree", "folder", shard_size=SHARD_SIZE, map_fn=map_fn)
         wall = time.perf_counter() - t0

@@ -70,3 +70,50 @@ def write_pseudo_run(output, rows, input_path, fmt="folder", class_map=None):
     (output / "config.yaml").write_text(yaml.safe_dump(
         {"input": str(input_path), "format": fmt, "class_map": str(class_map) if class_map else None}))
     return output / "boxes"
+
+
+def pseudo_run_as(fmt, root, boxes_dir, images, class_map):
+    """A folder pseudo run (``write_pseudo_run``'s) with its images moved into another input format,
+    ids as read_shard names them: ``tar`` (a tar per class, members named ``./NAME`` in the
+    first), ``webdataset`` (one shard of ``KEY.jpg`` + ``KEY.cls``), ``parquet`` (one file of
+    image bytes and labels, row groups of 5). Returns (boxes folder, input, format to read it as).
+    """
+    import io
+    import tarfile
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root, images = Path(root), Path(images)
+    rows = pq.read_table(Path(boxes_dir) / "part-0.parquet").to_pylist()
+    datas = [(images / row["image_id"]).read_bytes() for row in rows]
+    source = root / fmt
+    source.mkdir(parents=True, exist_ok=True)
+
+    def add(tar, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    if fmt == "tar":
+        paths = [row["image_id"].split("/") for row in rows]
+        for k, folder in enumerate(sorted({folder for folder, _ in paths})):
+            with tarfile.open(source / f"{folder}.tar", "w") as tar:
+                for row, data, (owner, name) in zip(rows, datas, paths):
+                    if owner == folder:
+                        add(tar, f"./{name}" if k == 0 else name, data)
+                        row["image_id"] = f"{folder}.tar::{'./' if k == 0 else ''}{name}"
+    elif fmt == "webdataset":
+        with tarfile.open(source / "shard-000.tar", "w") as tar:
+            for k, (row, data) in enumerate(zip(rows, datas)):
+                add(tar, f"{k:05d}.jpg", data)
+                add(tar, f"{k:05d}.cls", str(row["label"]).encode())
+                row["image_id"] = f"shard-000.tar::{k:05d}.jpg"
+    else:
+        pq.write_table(pa.table({"image": pa.array(datas, pa.binary()), "label": [row["label"] for row in rows]}),
+                       source / "images.parquet", row_group_size=5)
+        for k, row in enumerate(rows):
+            row["image_id"] = f"images.parquet::{k}"
+    read_as = "tar" if fmt == "webdataset" else fmt
+    return write_pseudo_run(root / f"{fmt}_run", rows, source, read_as, class_map), source, read_as

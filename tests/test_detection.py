@@ -7,6 +7,7 @@ from dap_ray.data.detection import (
     collate_detection,
     resize_with_boxes,
 )
+from dap_ray.data.locations import LocatedImages, load_locations
 from dap_ray.data.pseudo_boxes import PseudoBoxDataset, load_pseudo_boxes
 from dap_ray.data.sources import ImageReader
 from dap_ray.models.classifiers import load_classifier
@@ -103,12 +104,12 @@ def test_load_pseudo_boxes_skips_images_without_boxes_or_label_and_caps_boxes(tm
     ]
     boxes_dir = write_pseudo_run(tmp_path, rows, tmp_path)
     pseudo = load_pseudo_boxes(boxes_dir, max_boxes_per_image=2)
-    assert pseudo.image_ids == ["b.jpg", "d.jpg"]
+    assert list(pseudo.image_ids) == ["b.jpg", "d.jpg"] and pseudo.num_boxes == 3
     assert pseudo.skipped_without_boxes == 1 and pseudo.skipped_without_label == 1
     np.testing.assert_array_equal(pseudo.labels, [1, 2])
     np.testing.assert_array_equal(pseudo.sizes, [[30, 20], [12, 10]])
     np.testing.assert_array_equal(pseudo.boxes_of(0), [[1, 1, 9, 9], [2, 2, 4, 4]])  # best two by score
-    assert pseudo.boxes.dtype == np.float32 and pseudo.boxes.shape == (3, 4)
+    assert pseudo.boxes.dtype == np.float32 and pseudo.boxes.shape == (4, 4)  # all held, capped when served
     with pytest.raises(ValueError, match="no Parquet files"):
         load_pseudo_boxes(tmp_path / "nothing")
 
@@ -136,7 +137,8 @@ def test_aspect_batches_are_deterministic_resumable_disjoint_and_grouped():
 def test_dataset_gives_torchvision_targets_and_replaces_unreadable_images(pseudo_run, tmp_path):
     boxes_dir, sample, _ = pseudo_run
     pseudo = load_pseudo_boxes(boxes_dir)
-    dataset = PseudoBoxDataset(pseudo, ImageReader(sample / "images", "folder"), max_size=200)
+    dataset = PseudoBoxDataset(pseudo, LocatedImages(pseudo, load_locations(pseudo, sample / "images", "folder")),
+                               max_size=200)
     item = dataset[(0, 64, True)]
     assert item["image"].dtype == torch.uint8 and item["image"].shape[0] == 3 and min(item["image"].shape[1:]) == 64
     assert item["boxes"].dtype == torch.float32 and item["boxes"].shape == (len(pseudo.boxes_of(0)), 4)
@@ -147,7 +149,7 @@ def test_dataset_gives_torchvision_targets_and_replaces_unreadable_images(pseudo
 
     shutil.copytree(sample / "images", broken)
     (broken / pseudo.image_ids[0]).write_bytes(b"not an image")
-    replaced = PseudoBoxDataset(pseudo, ImageReader(broken, "folder"))[(0, 64, False)]
+    replaced = PseudoBoxDataset(pseudo, LocatedImages(pseudo, load_locations(pseudo, broken, "folder")))[(0, 64, False)]
     assert replaced["image_id"] == pseudo.image_ids[1]
     assert len(collate_detection([item, replaced])) == 2
 

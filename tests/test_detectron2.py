@@ -7,33 +7,30 @@ import numpy as np
 import pytest
 import torch
 
-from dap_ray.data.pseudo_boxes import PseudoBoxes, load_pseudo_boxes
+from dap_ray.data.pseudo_boxes import load_pseudo_boxes
 from dap_ray.models.classifiers import load_classifier
 from dap_ray.models.detectron2_names import torchvision_to_detectron2
-from dap_ray.steps.pretrain.detectron2_backend import XYXY_ABS, to_detectron2_dicts
 
 HAS_DETECTRON2 = importlib.util.find_spec("detectron2") is not None
 
 
-def test_no_images_give_no_dicts():
-    empty = PseudoBoxes([], np.zeros(0, np.int64), np.zeros((0, 2), np.int32), np.zeros(1, np.int64),
-                        np.zeros((0, 4), np.float32))
-    assert to_detectron2_dicts(empty) == []
+@pytest.mark.skipif(not HAS_DETECTRON2, reason="detectron2 is not installed (it is built from source; see README)")
+def test_detectron2_samples_are_the_torchvision_samples_as_instances(pseudo_run):
+    from dap_ray.data.locations import LocatedImages, load_locations
+    from dap_ray.data.pseudo_boxes import PseudoBoxDataset
+    from dap_ray.steps.pretrain.detectron2_backend import Detectron2Samples
 
-
-def test_pseudo_boxes_become_detectron2_dataset_dicts(pseudo_run):
     boxes_dir, sample, _ = pseudo_run
     pseudo = load_pseudo_boxes(boxes_dir)
-    dicts = to_detectron2_dicts(pseudo, sample / "images", "folder")
-    assert len(dicts) == len(pseudo)
-    first = dicts[0]
-    assert first["file_name"] == str(sample / "images" / pseudo.image_ids[0]) and first["image_id"] == pseudo.image_ids[0]
-    assert (first["width"], first["height"]) == tuple(int(v) for v in pseudo.sizes[0])
-    assert len(first["annotations"]) == len(pseudo.boxes_of(0))
-    for annotation, box in zip(first["annotations"], pseudo.boxes_of(0)):
-        assert annotation["bbox_mode"] == XYXY_ABS and annotation["category_id"] == int(pseudo.labels[0])
-        np.testing.assert_allclose(annotation["bbox"], box)
-    assert to_detectron2_dicts(pseudo, "/data", "tar")[0]["file_name"] == pseudo.image_ids[0]
+    images = LocatedImages(pseudo, load_locations(pseudo, sample / "images", "folder"))
+    for key in [(0, 48, False), (5, 32, True), (21, 64, True)]:
+        ours = PseudoBoxDataset(pseudo, images, max_size=96)[key]
+        theirs = Detectron2Samples(pseudo, images, max_size=96)[key]
+        assert torch.equal(theirs["image"], ours["image"]) and theirs["image_id"] == ours["image_id"]
+        assert theirs["instances"].image_size == tuple(ours["image"].shape[1:])
+        assert torch.equal(theirs["instances"].gt_boxes.tensor, ours["boxes"])
+        assert torch.equal(theirs["instances"].gt_classes, ours["labels"] - 1)  # detectron2: no background class
+        assert (theirs["width"], theirs["height"]) == tuple(int(v) for v in pseudo.sizes[key[0]])
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
@@ -54,7 +51,11 @@ def test_detectron2_backend_trains_writes_a_checkpoint_and_a_killed_run_resumes(
                                                                                  capfd):
     from dap_ray.steps.pretrain import PretrainConfig, pretrain
 
-    boxes_dir, _, _ = pseudo_run
+    from tests.helpers import pseudo_run_as
+
+    boxes_dir, sample, _ = pseudo_run
+    # From synset tars, on the torchvision backend's data path (one positioned read per image).
+    boxes_dir, _, _ = pseudo_run_as("tar", tmp_path, boxes_dir, sample / "images", sample / "classes.txt")
     run = tmp_path / "run"
     # Two workers on the CPU, as jobs/pretrain.py's embedded default runs: detectron2 wrapped them
     # for DDP with GPU device ids and every worker failed.

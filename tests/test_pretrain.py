@@ -10,6 +10,7 @@ import torch
 from dap_ray.models.detectors import build_detector
 from dap_ray.steps.pretrain import PretrainConfig, pretrain
 from dap_ray.steps.pretrain.torchvision_backend import schedule_factor
+from tests.helpers import pseudo_run_as
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "tests.factories:tiny_resnet"
@@ -24,14 +25,22 @@ def small_config(pseudo_run, output, **overrides):
     return PretrainConfig(**(values | overrides))
 
 
+def in_format(pseudo_run, fmt, root):
+    """The pseudo run with its images in a tar per class, a WebDataset shard or a Parquet file."""
+    boxes_dir, sample, weights = pseudo_run
+    boxes, _, _ = pseudo_run_as(fmt, root, boxes_dir, sample / "images", sample / "classes.txt")
+    return boxes, sample, weights
+
+
 def test_two_workers_pretrain_die_and_a_rerun_resumes_from_the_checkpoint(pseudo_run, ray_session, tmp_path, capfd):
     from dap_ray.steps.ray_setup import TrainingFailedError
     from tests.factories import FAIL_AT_STEP_THREE_MARKER
 
     FAIL_AT_STEP_THREE_MARKER.unlink(missing_ok=True)
     backbone = "tests.factories:fail_at_step_three_tiny_resnet"
-    cfg = small_config(pseudo_run, tmp_path / "run", backbone=backbone, backbone_weights=None, max_iters=3,
-                       checkpoint_every=1, max_failures=0)
+    # From synset tars, each image one positioned read, in two forked loader processes per worker.
+    cfg = small_config(in_format(pseudo_run, "tar", tmp_path), tmp_path / "run", backbone=backbone,
+                       backbone_weights=None, max_iters=3, checkpoint_every=1, max_failures=0, loader_workers=1)
     with pytest.raises(TrainingFailedError, match="simulated failure at training step 3"):
         pretrain(cfg)  # a rank dies in iteration 3, after the iteration-2 checkpoint
     capfd.readouterr()
@@ -39,7 +48,7 @@ def test_two_workers_pretrain_die_and_a_rerun_resumes_from_the_checkpoint(pseudo
     out = capfd.readouterr()
     assert "resuming at iteration 2/3" in out.out + out.err
     assert meta["iterations"] == 3 and meta["num_classes"] == 4 and meta["classes"][0] == "__background__"
-    assert meta["images"] == 22 and meta["skipped_without_boxes"] == 2
+    assert meta["images"] == 22 and meta["skipped_without_boxes"] == 2 and "skipping" not in out.out + out.err
     assert [h["iteration"] for h in meta["history"]] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in meta["history"])
     assert {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg", "lr", "images_per_s"} <= \
@@ -57,13 +66,25 @@ def test_retinanet_worker_group_that_fails_once_is_restarted_and_finishes(pseudo
     from tests.factories import FAIL_ONCE_MARKER
 
     FAIL_ONCE_MARKER.unlink(missing_ok=True)
-    meta = pretrain(small_config(pseudo_run, tmp_path / "run", detector="retinanet_fpn",
+    meta = pretrain(small_config(in_format(pseudo_run, "parquet", tmp_path), tmp_path / "run", detector="retinanet_fpn",
                                  backbone="tests.factories:fail_once_tiny_resnet", num_workers=1, cpus_per_worker=2,
                                  max_iters=2, max_failures=1))
     assert FAIL_ONCE_MARKER.exists() and meta["iterations"] == 2  # the first attempt raised, the restart trained
     state = torch.load(tmp_path / "run" / "detector_final.pt", weights_only=True)
     build_detector("retinanet_fpn", TINY, 3).load_state_dict(state, strict=True)
     assert set(meta["history"][0]) >= {"classification", "bbox_regression"}
+
+
+def test_pretrain_from_webdataset_shards(pseudo_run, ray_session, tmp_path, capfd):
+    meta = pretrain(small_config(in_format(pseudo_run, "webdataset", tmp_path), tmp_path / "run", num_workers=1,
+                                 cpus_per_worker=2, loader_workers=1, max_iters=2))
+    out = capfd.readouterr()
+    from dap_ray.data.pseudo_boxes import load_pseudo_boxes
+
+    assert meta["iterations"] == 2 and meta["images"] == 22
+    assert meta["pseudo_boxes"] == load_pseudo_boxes(pseudo_run[0]).num_boxes  # the same boxes as the folder run's
+    assert "skipping" not in out.out + out.err and "input indexed (1 files" in out.out + out.err
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in meta["history"])
 
 
 def test_a_diverging_run_stops_with_a_one_line_reason(pseudo_run, ray_session, tmp_path):
@@ -83,6 +104,18 @@ def test_a_diverging_run_stops_with_a_one_line_reason(pseudo_run, ray_session, t
 def test_pretrain_rejects_bad_input_before_training(pseudo_run, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         pretrain(small_config(pseudo_run, tmp_path / "run", **overrides))
+
+
+@pytest.mark.parametrize("requested, use_gpu, loader_workers, expected", [
+    (None, True, 0, 1),  # a GPU worker without loader processes: its own CPU
+    (None, True, 2, 3),  # and one per DataLoader process, which decode and resize for it
+    (4, True, 2, 4),  # as asked, with GPUs too
+    (3, False, 2, 3),
+])
+def test_gpu_workers_reserve_cpus_to_decode_with(requested, use_gpu, loader_workers, expected):
+    from dap_ray.steps.ray_setup import cpus_per_worker
+
+    assert cpus_per_worker(requested, use_gpu, 2, loader_workers) == expected
 
 
 @pytest.mark.parametrize("overrides, message", [

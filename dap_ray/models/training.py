@@ -54,26 +54,29 @@ def detector_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weigh
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def train_step(model: nn.Module, batch: list[dict], optimizer, scheduler, device: torch.device) -> dict[str, float]:
+def train_step(model: nn.Module, batch: list[dict], optimizer, scheduler,
+               device: torch.device) -> dict[str, torch.Tensor]:
     """One iteration on a batch of ``{"image": (3, h, w) uint8, "boxes": (N, 4) float32 xyxy pixels of
-    that image, "labels": (N,) int64}`` samples, already resized by the loader; the loss parts as floats.
+    that image, "labels": (N,) int64}`` samples, already resized by the loader; the loss parts as
+    detached 0-dim tensors on ``device``.
 
-    The detector must skip its own resize in training (built with ``resize_in_training=False``).
-    A non-finite loss is returned, not stepped on. bf16 autocast on CUDA.
+    Nothing here waits for the device (no ``.item()``, no finiteness check): the caller reads the
+    losses where it logs them and stops a run whose loss is not finite there
+    (:func:`dap_ray.steps.detector_loop.train_iterations`). The detector must skip its own resize
+    in training (built with ``resize_in_training=False``). Copies to the device do not block when
+    the loader pins memory. bf16 autocast on CUDA.
     """
     images = [s["image"].to(device, non_blocking=True).float().div_(255) for s in batch]
-    targets = [{"boxes": s["boxes"].to(device), "labels": s["labels"].to(device)} for s in batch]
+    targets = [{"boxes": s["boxes"].to(device, non_blocking=True), "labels": s["labels"].to(device, non_blocking=True)}
+               for s in batch]
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
         losses = model(images, targets)
     loss = sum(losses.values())
-    parts = {k: float(v.detach()) for k, v in losses.items()}
-    if not torch.isfinite(loss):
-        return parts
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     scheduler.step()
-    return parts
+    return {k: v.detach() for k, v in losses.items()}
 
 
 @torch.inference_mode()

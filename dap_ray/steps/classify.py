@@ -71,7 +71,8 @@ class ClassifierTrainConfig:
     num_workers: int = field(default=1, metadata={"help": "Ray Train workers (DDP processes)"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker, bf16 autocast"})
     cpus_per_worker: int | None = field(default=None, metadata={
-        "help": "CPUs per worker (default: this node's CPUs shared among the workers, CPU runs only)"})
+        "help": "CPUs reserved per worker (default: CPU runs share this node's CPUs among the workers; GPU runs "
+                "take one plus one per loader process, to decode with)"})
     loader_workers: int = field(default=0, metadata={"help": "DataLoader processes per worker (decode in parallel)"})
     max_failures: int = field(default=2, metadata={"help": "worker-group restarts from the last checkpoint"})
     storage_path: str | None = field(default=None, metadata={
@@ -337,7 +338,8 @@ def train_classifier(cfg: ClassifierTrainConfig) -> dict:
 def _train(cfg: ClassifierTrainConfig, listing, train_items: list, val_items: list, output: Path,
            storage: Path) -> dict:
     init_ray()
-    resolved = dataclasses.replace(cfg, cpus_per_worker=cpus_per_worker(cfg.cpus_per_worker, cfg.use_gpu, cfg.num_workers))
+    resolved = dataclasses.replace(cfg, cpus_per_worker=cpus_per_worker(cfg.cpus_per_worker, cfg.use_gpu, cfg.num_workers,
+                                                                         cfg.loader_workers))
     save_config(resolved, output / "config.yaml")
     print(f"training {cfg.arch} on {len(train_items)} images ({len(val_items)} held out) of "
           f"{len(listing.classes)} classes with {cfg.num_workers} worker(s)", flush=True)

@@ -9,12 +9,12 @@ the same stream as an uninterrupted one (the samplers draw from the seed and bat
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import time
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
 from dap_ray.models.classifiers import unwrap_ddp
@@ -58,8 +58,10 @@ def train_iterations(model, optimizer, scheduler, batches: Iterator[list[dict]],
     A progress line every ``log_every_s`` seconds (rank 0). At every checkpoint or evaluation
     point the window's mean losses, learning rate and images/s go into ``history`` and to Ray
     Train (``ray.train.report``); ``evaluate(iteration)`` (every ``eval_every`` and at the
-    end; all ranks call it) returns metrics to add. A non-finite loss stops the run with the
-    iteration and rank in the message. ``report(metrics)``, when given, takes the metrics
+    end; all ranks call it) returns metrics to add. The losses stay on the device between
+    those points (a GPU never waits for the host to read a float), and are read there: a
+    non-finite loss then stops the run with its iteration and rank in the message, before
+    any checkpoint holds the weights it produced. ``report(metrics)``, when given, takes the metrics
     instead of Ray Train, and no checkpoint is written (a Tune trial that trains in its own
     process). ``rng_state``: the checkpoint's per-rank torch RNG states, set here, after the
     caller made its data iterator (which draws from the RNG), so that a resumed run's draws
@@ -72,33 +74,42 @@ def train_iterations(model, optimizer, scheduler, batches: Iterator[list[dict]],
     if rng_state and rank < len(rng_state):
         torch.set_rng_state(rng_state[rank])
     model.train()
-    window: dict[str, float] = {}
-    window_images = window_iters = 0
+    names: list[str] = []
+    rows: list[torch.Tensor] = []  # this window's loss parts, one row per iteration, on the device
+    window_images = 0
     window_start = last_print = time.perf_counter()
     for iteration in range(start, max_iters):
         batch = next(batches)
         losses = train_step(model, batch, optimizer, scheduler, device)
-        loss = sum(losses.values())
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss} at iteration {iteration} (rank {rank}): {losses}")
-        for key, value in losses.items():
-            window[key] = window.get(key, 0.0) + value
-        window["loss"] = window.get("loss", 0.0) + loss
+        names = names or list(losses)
+        rows.append(torch.stack([losses[k].float() for k in names]))
         window_images += len(batch)
-        window_iters += 1
         done = iteration + 1
         now = time.perf_counter()
         is_checkpoint = done % checkpoint_every == 0 or done == max_iters
         is_eval = evaluate is not None and (done % (eval_every or checkpoint_every) == 0 or done == max_iters)
-        if rank == 0 and (now - last_print >= log_every_s or is_checkpoint or is_eval):
-            parts = " ".join(f"{k} {v / window_iters:.4f}" for k, v in window.items() if k != "loss")
-            print(f"iter {done}/{max_iters} loss {window['loss'] / window_iters:.4f} ({parts}) "
+        printing = rank == 0 and now - last_print >= log_every_s
+        if not (printing or is_checkpoint or is_eval):
+            continue
+        # The one place the losses come to the host: where they are logged or a checkpoint is written.
+        table = torch.stack(rows).cpu().double().numpy()
+        totals = table.sum(1)
+        bad = np.flatnonzero(~np.isfinite(totals))
+        if len(bad):
+            at = int(bad[0])
+            parts = {k: float(v) for k, v in zip(names, table[at])}
+            raise FloatingPointError(f"loss became {float(totals[at])} at iteration {done - len(rows) + at + 1} "
+                                     f"(rank {rank}): {parts}")
+        means = {k: float(v) for k, v in zip(names, table.mean(0))} | {"loss": float(totals.mean())}
+        if printing or ((is_checkpoint or is_eval) and rank == 0):
+            parts = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
+            print(f"iter {done}/{max_iters} loss {means['loss']:.4f} ({parts}) "
                   f"lr {scheduler.get_last_lr()[0]:.5f} {window_images * world / (now - window_start):.1f} images/s",
                   flush=True)
             last_print = now
         if not (is_checkpoint or is_eval):
-            continue
-        metrics = {k: v / window_iters for k, v in window.items()}
+            continue  # the window goes on to the next checkpoint; only its rows so far were read
+        metrics = dict(means)
         metrics.update(iteration=done, lr=scheduler.get_last_lr()[0],
                        images_per_s=window_images * world / (now - window_start))
         history.append(metrics)
@@ -107,7 +118,7 @@ def train_iterations(model, optimizer, scheduler, batches: Iterator[list[dict]],
             model.train()
         if report is not None:
             report(metrics)
-            window, window_images, window_iters = {}, 0, 0
+            rows, window_images = [], 0
             window_start = time.perf_counter()
             continue
         rng_states = [torch.get_rng_state()]
@@ -123,5 +134,5 @@ def train_iterations(model, optimizer, scheduler, batches: Iterator[list[dict]],
                            os.path.join(directory, STATE_FILE))
                 saved = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=saved)
-        window, window_images, window_iters = {}, 0, 0
+        rows, window_images = [], 0
         window_start = time.perf_counter()

@@ -160,7 +160,8 @@ class FinetuneConfig:
     num_workers: int = field(default=1, metadata={"help": "Ray Train workers (DDP processes)"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker, bf16 autocast"})
     cpus_per_worker: int | None = field(default=None, metadata={
-        "help": "CPUs per worker (default: this node's CPUs shared among the workers, CPU runs only)"})
+        "help": "CPUs reserved per worker (default: CPU runs share this node's CPUs among the workers; GPU runs "
+                "take one plus one per loader process, to decode with)"})
     loader_workers: int = field(default=2, metadata={"help": "DataLoader processes per worker"})
     eval_every: int | None = field(default=None, metadata={
         "help": "iterations between evaluations on the test set (default: checkpoint-every); always at the end"})
@@ -512,7 +513,8 @@ def _run_one(cfg: FinetuneConfig, seed: int, train_all: DetectionSet, test: Dete
 
         init_ray()
         resolved = dataclasses.replace(
-            run_cfg, cpus_per_worker=cpus_per_worker(run_cfg.cpus_per_worker, run_cfg.use_gpu, run_cfg.num_workers))
+            run_cfg, cpus_per_worker=cpus_per_worker(run_cfg.cpus_per_worker, run_cfg.use_gpu, run_cfg.num_workers,
+                                                  run_cfg.loader_workers))
         save_config(resolved, folder / "config.yaml")
         print(f"seed {seed}: {len(train)} training images ({_shots_label(cfg)}), {resolved.max_iters} iterations "
               f"at {resolved.global_batch()} images, lr {resolved.lr:g}, sizes {resolved.min_sizes}/{resolved.max_size}",

@@ -39,7 +39,7 @@ from dap_ray.localisation.stages import (
     write_results,
 )
 from dap_ray.runs import open_run, settings_differ
-from dap_ray.steps.ray_setup import init_ray
+from dap_ray.steps.ray_setup import init_ray, map_on_ray
 
 __all__ = ["CPU_BATCH_SIZE", "GPU_BATCH_SIZE", "GPU_FORWARD_IMAGES", "MAX_CPU_ACTORS", "MineConfig", "actor_pool_sizes",
            "mine", "pool_problem", "resolve_actor_pool"]
@@ -267,7 +267,7 @@ def _mine(cfg: MineConfig, output: Path) -> dict:
         progress = read_progress(output)
     init_ray()
     shards, classes, problems = list_shards(cfg.input, cfg.format, cfg.class_map, cfg.shard_size, (),
-                                            cfg.image_column, cfg.label_column, map_fn=_map_on_ray)
+                                            cfg.image_column, cfg.label_column, map_fn=map_on_ray)
     for line in problems:
         print(f"warning: {line}", flush=True)
     num_classes = cfg.num_classes or (len(classes) if classes and not cfg.weights else None)
@@ -338,24 +338,6 @@ def _mine(cfg: MineConfig, output: Path) -> dict:
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2), flush=True)
     return summary
-
-
-def _map_on_ray(fn, items) -> list:
-    """``map`` over Ray tasks, in chunks: listing 21,841 class folders of ImageNet-21K runs on
-    the cluster, and the driver gets back counts, not paths."""
-    import ray
-
-    items = list(items)
-    if len(items) <= 16:
-        return [fn(item) for item in items]
-    chunk = max(1, min(256, len(items) // (4 * max(1, int(ray.cluster_resources().get("CPU", 1))))))
-    task = ray.remote(num_cpus=1)(_map_chunk)
-    parts = [task.remote(fn, items[i : i + chunk]) for i in range(0, len(items), chunk)]
-    return [value for part in ray.get(parts) for value in part]
-
-
-def _map_chunk(fn, items: list) -> list:
-    return [fn(item) for item in items]
 
 
 def _summary(output: Path, wall: float, counts: dict, cfg: MineConfig) -> dict:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["TrainingFailedError", "cpus_per_worker", "fit_torch_trainer", "has_checkpoint", "init_ray", "run_storage",
-           "train_worker_rank"]
+__all__ = ["TrainingFailedError", "cpus_per_worker", "fit_torch_trainer", "has_checkpoint", "init_ray", "map_on_ray",
+           "run_in_task", "run_storage", "train_worker_rank"]
 
 
 def init_ray(**kwargs) -> None:
@@ -25,6 +25,31 @@ def init_ray(**kwargs) -> None:
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
         kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": path}}
     ray.init(**kwargs)
+
+
+def map_on_ray(fn, items) -> list:
+    """``map`` over Ray tasks, in chunks: listing 21,841 class folders or indexing 21,841 tars of
+    ImageNet-21K runs on the cluster, and the caller gets back what ``fn`` returns."""
+    import ray
+
+    items = list(items)
+    if len(items) <= 16:
+        return [fn(item) for item in items]
+    chunk = max(1, min(256, len(items) // (4 * max(1, int(ray.cluster_resources().get("CPU", 1))))))
+    task = ray.remote(num_cpus=1)(_map_chunk)
+    parts = [task.remote(fn, items[i : i + chunk]) for i in range(0, len(items), chunk)]
+    return [value for part in ray.get(parts) for value in part]
+
+
+def _map_chunk(fn, items: list) -> list:
+    return [fn(item) for item in items]
+
+
+def run_in_task(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in a Ray task of one CPU (its memory stays out of the driver's), and its result."""
+    import ray
+
+    return ray.get(ray.remote(num_cpus=1)(fn).remote(*args, **kwargs))
 
 
 def run_storage(storage_path: str | None, output: Path) -> Path:
@@ -49,12 +74,15 @@ class TrainingFailedError(RuntimeError):
     """A Ray Train run that failed for good; the message says why in a line and where the logs are."""
 
 
-def cpus_per_worker(requested: int | None, use_gpu: bool, num_workers: int) -> int:
-    """CPUs per Ray Train worker: as requested, else (CPU runs) the cluster's free CPUs shared out."""
+def cpus_per_worker(requested: int | None, use_gpu: bool, num_workers: int, loader_workers: int = 0) -> int:
+    """CPUs per Ray Train worker: as requested; else a GPU worker's own and one per DataLoader process
+    (they decode and resize for it); else (CPU runs) the cluster's free CPUs shared out."""
     import ray
 
-    if requested is not None or use_gpu:
-        return requested or 1
+    if requested is not None:
+        return requested
+    if use_gpu:
+        return 1 + loader_workers
     return max(1, int(ray.available_resources().get("CPU", 1)) // num_workers)
 
 
@@ -90,8 +118,9 @@ def fit_torch_trainer(loop, loop_config: dict, *, name: str, storage: Path, num_
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
+        # With use_gpu, Ray adds one GPU to these; without the CPUs it would reserve none to decode with.
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                               resources_per_worker=None if use_gpu else {"CPU": cpus}),
+                                               resources_per_worker={"CPU": cpus}),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=str(storage),

@@ -21,7 +21,9 @@ __all__ = ["PretrainConfig", "prepare_data", "pretrain"]
 
 # Settings that change how the work is spread, not what is learnt: a rerun may change them.
 OPERATIONAL = ("output", "use_gpu", "cpus_per_worker", "loader_workers", "checkpoint_every", "log_every_s",
-               "max_failures", "storage_path")
+               "max_failures", "storage_path", "cache_dir")
+# Boxes folders larger than this build their training cache in a Ray task, away from the driver.
+IN_TASK_BYTES = 64 << 20
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
@@ -32,7 +34,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     """
     if cfg.boxes is None:
         raise ValueError("no --boxes given (the jobs fill in the built-in sample: dap_ray.steps.embedded)")
-    cfg, pseudo, classes = prepare_data(cfg)
+    cfg, pseudo, classes = prepare_data(cfg, build=_build_in_task if _boxes_bytes(cfg.boxes) > IN_TASK_BYTES else None)
     cfg = dataclasses.replace(cfg, lr=cfg.learning_rate())
     if cfg.backbone_weights is None:
         print("warning: no --backbone-weights: the backbone starts at random (DAP starts from the Step 1 classifier)",
@@ -50,3 +52,15 @@ def pretrain(cfg: PretrainConfig) -> dict:
         from dap_ray.steps.pretrain.torchvision_backend import train_torchvision
 
         return train_torchvision(cfg, pseudo, classes, output)
+
+
+def _boxes_bytes(boxes: str) -> int:
+    return sum(p.stat().st_size for p in Path(boxes).glob("*.parquet"))
+
+
+def _build_in_task(fn, *args):
+    """``fn(*args)`` in a Ray task, with the input's files indexed by Ray tasks across the cluster."""
+    from dap_ray.steps.ray_setup import init_ray, map_on_ray, run_in_task
+
+    init_ray()
+    return run_in_task(fn, *args, map_fn=map_on_ray)

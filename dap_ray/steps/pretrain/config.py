@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 if TYPE_CHECKING:
     from dap_ray.data.pseudo_boxes import PseudoBoxes
 
-__all__ = ["PretrainConfig", "prepare_data"]
+__all__ = ["PretrainConfig", "build_training_cache", "prepare_data"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,10 @@ class PretrainConfig:
     class_map: str | None = field(default=None, metadata={
         "help": "class names, one per line (default: the mining run's; else classes from the labels)"})
     output: str = field(default="pretrain_run", metadata={"help": "run folder for detector_final.pt, meta.json, checkpoints"})
+    cache_dir: str | None = field(default=None, metadata={
+        "help": "where the pseudo boxes' training cache and the input's index go, built once and shared by every run "
+                "on these boxes (default: beside --boxes, in the mining run's folder; under --output if that is "
+                "read-only)"})
     detector: Literal["faster_rcnn_fpn", "retinanet_fpn"] = field(default="faster_rcnn_fpn", metadata={
         "help": "torchvision Faster R-CNN with FPN, or RetinaNet"})
     backbone: str = field(default="resnet50", metadata={"help": "torchvision ResNet name or package.module:factory"})
@@ -39,7 +44,8 @@ class PretrainConfig:
     num_workers: int = field(default=1, metadata={"help": "Ray Train workers (DDP processes)"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker, bf16 autocast"})
     cpus_per_worker: int | None = field(default=None, metadata={
-        "help": "CPUs per worker (default: this node's CPUs shared among the workers, CPU runs only)"})
+        "help": "CPUs reserved per worker (default: CPU runs share this node's CPUs among the workers; GPU runs "
+                "take one plus one per loader process, to decode with)"})
     loader_workers: int = field(default=2, metadata={"help": "DataLoader processes per worker (decode and resize)"})
     batch_size: int = field(default=2, metadata={"help": "images per worker per iteration (the paper: 32 in all)"})
     lr: float | None = field(default=None, metadata={
@@ -98,15 +104,19 @@ class PretrainConfig:
 # The embedded default's small run: applied to options still at the paper's default.
 
 
-def prepare_data(cfg: PretrainConfig) -> tuple[PretrainConfig, PseudoBoxes, list[str]]:
-    """``cfg`` with input, format, image column and class map filled from the mining run and
-    paths made absolute; the pseudo boxes; one name per class (``class_k`` past the class map).
+def prepare_data(cfg: PretrainConfig, build: Callable | None = None) -> tuple[PretrainConfig, PseudoBoxes, list[str]]:
+    """``cfg`` with input, format, image column, class map and cache folder filled from the mining
+    run and paths made absolute; the pseudo boxes (memory-mapped); one name per class
+    (``class_k`` past the class map).
 
+    The pseudo boxes' cache and the input's index (:func:`build_training_cache`) are built
+    when missing, by ``build(build_training_cache, *args)`` when given (the step runs it in
+    a Ray task, so that the driver never holds the boxes) and in this process otherwise.
     Raises ValueError for missing files, too few images for the workers, or labels beyond the class map.
     """
     from dap_ray.data.export import read_run_config
     from dap_ray.data.images import read_class_map
-    from dap_ray.data.pseudo_boxes import load_pseudo_boxes
+    from dap_ray.data.pseudo_boxes import box_cache_folder, open_box_cache
 
     boxes = Path(cfg.boxes).resolve()
     if not boxes.is_dir():
@@ -116,20 +126,72 @@ def prepare_data(cfg: PretrainConfig) -> tuple[PretrainConfig, PseudoBoxes, list
     if not input_path:
         raise ValueError(f"no --input given and {boxes.parent / 'config.yaml'} names none")
     class_map = cfg.class_map or run.get("class_map")
+    cache_dir = cfg.cache_dir or (str(boxes.parent) if os.access(boxes.parent, os.W_OK) else cfg.output)
     cfg = dataclasses.replace(
         cfg, boxes=str(boxes), input=str(Path(input_path).resolve()), format=cfg.format or run.get("format", "folder"),
         image_column=cfg.image_column or run.get("image_column", "image"),
-        class_map=str(Path(class_map).resolve()) if class_map else None,
+        class_map=str(Path(class_map).resolve()) if class_map else None, cache_dir=str(Path(cache_dir).resolve()),
         backbone_weights=str(Path(cfg.backbone_weights).resolve()) if cfg.backbone_weights else None)
     if cfg.backbone_weights and not Path(cfg.backbone_weights).is_file():
         raise ValueError(f"backbone weights not found: {cfg.backbone_weights}")
     if not Path(cfg.input).exists():
         raise ValueError(f"input not found: {cfg.input}")
     classes = read_class_map(cfg.class_map) if cfg.class_map else []
-    pseudo = load_pseudo_boxes(cfg.boxes, cfg.max_boxes_per_image)
+    folder = box_cache_folder(cfg.boxes, cfg.cache_dir)
+    if not (folder / "meta.json").is_file() or not _has_locations(folder, cfg):
+        args = (cfg.boxes, str(folder), cfg.input, cfg.format, cfg.image_column)
+        summary = build(build_training_cache, *args) if build is not None else build_training_cache(*args)
+        print(summary, flush=True)
+    pseudo = open_box_cache(str(folder), cfg.max_boxes_per_image)
     if len(pseudo) < cfg.num_workers:
         raise ValueError(f"{cfg.boxes} holds {len(pseudo)} images with boxes; {cfg.num_workers} workers need more")
-    num_classes = max(len(classes), int(pseudo.labels.max()) + 1)
+    num_classes = max(len(classes), pseudo.max_label + 1)
     if classes and num_classes > len(classes):
         raise ValueError(f"labels go up to {num_classes - 1} but the class map {cfg.class_map} has {len(classes)} classes")
     return cfg, pseudo, classes or [f"class_{k}" for k in range(num_classes)]
+
+
+def _has_locations(folder: Path, cfg: PretrainConfig) -> bool:
+    from dap_ray.data.locations import locations_folder
+
+    located = locations_folder(folder, cfg.input, cfg.format, cfg.image_column)
+    return located is None or (located / "meta.json").is_file()
+
+
+def build_training_cache(boxes: str, folder: str, input_path: str, fmt: str, image_column: str,
+                         map_fn: Callable | None = None) -> str:
+    """Build what pre-training reads: the pseudo boxes' cache in ``folder`` and the index of their
+    images in ``input_path``; return a line saying what was built and how long it took.
+    ``map_fn`` spreads the input files' indexing (default: Ray tasks when Ray is up, else ``map``)."""
+    import time
+
+    from dap_ray.data.locations import load_locations
+    from dap_ray.data.pseudo_boxes import build_box_cache, open_box_cache
+
+    started = time.perf_counter()
+    if not (Path(folder) / "meta.json").is_file():
+        build_box_cache(boxes, folder)
+    boxes_s = time.perf_counter() - started
+    if map_fn is None:
+        map_fn = _default_map()
+    pseudo = open_box_cache(folder)
+    locations = load_locations(pseudo, input_path, fmt, image_column, map_fn=map_fn)
+    line = (f"pseudo boxes of {len(pseudo)} images cached in {folder} ({boxes_s:.1f} s); input indexed "
+            f"({len(locations.files)} files, {time.perf_counter() - started - boxes_s:.1f} s)")
+    if locations.missing:
+        line += f"; {locations.missing} image(s) not found in {input_path} will be skipped"
+    if locations.problems:
+        line += ": " + "; ".join(locations.problems[:3])
+    return line
+
+
+def _default_map() -> Callable:
+    try:
+        import ray
+    except ImportError:
+        return map
+    if not ray.is_initialized():
+        return map
+    from dap_ray.steps.ray_setup import map_on_ray
+
+    return map_on_ray

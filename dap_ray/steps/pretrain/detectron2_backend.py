@@ -2,18 +2,20 @@
 
 detectron2 is not on the package registry (its users build it from source), so this module
 imports it only inside the functions that need it and says how to install it otherwise.
-What can be checked without detectron2 is plain Python here: the pseudo boxes as
-detectron2 dataset dicts (:func:`to_detectron2_dicts`) and a torchvision ResNet state
-dict renamed to detectron2's layout (:mod:`dap_ray.models.detectron2_names`, the mapping of
+What can be checked without detectron2 is plain Python: a torchvision ResNet state dict
+renamed to detectron2's layout (:mod:`dap_ray.models.detectron2_names`, the mapping of
 detectron2's ``tools/convert-torchvision-to-d2.py``).
 
 Training runs detectron2's ``DefaultTrainer`` inside Ray Train workers (Ray Train sets up
 the process group; detectron2's local group is created from Ray's local ranks), with the
-paper's settings: short side drawn from ``min_sizes``, flips, SGD with warm-up. Images are
-read by id through :class:`dap_ray.data.sources.ImageReader`, so tar and Parquet inputs work
-too. detectron2 keeps its own checkpoints (``model_XXXXXXX.pth`` every
-``checkpoint_every`` iterations under RUN_DIR/detectron2) and resumes from the last one
-when the same command runs again; the result is ``RUN_DIR/detector_final_d2.pth``.
+paper's settings: short side drawn from ``min_sizes``, flips, SGD with warm-up. The data
+path is the torchvision backend's: the memory-mapped pseudo boxes, one positioned read per
+image from any input format, and :class:`dap_ray.data.detection.AspectBatchSampler`'s
+rank-disjoint, aspect-grouped stream (no per-image dicts, no detectron2 dataset catalog).
+detectron2 keeps its own checkpoints (``model_XXXXXXX.pth`` every ``checkpoint_every``
+iterations under RUN_DIR/detectron2) and resumes from the last one when the same command
+runs again, the stream continuing at the checkpoint's batch as the torchvision backend's
+does; the result is ``RUN_DIR/detector_final_d2.pth``.
 """
 
 from __future__ import annotations
@@ -22,14 +24,13 @@ import json
 import pickle
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from dap_ray.data.sources import id_to_path
+from dap_ray.data.pseudo_boxes import PseudoBoxDataset
 from dap_ray.models.detectron2_names import torchvision_to_detectron2
 
-__all__ = ["INSTALL_HINT", "build_detectron2_model", "detectron2_architecture", "require_detectron2",
-           "to_detectron2_dicts", "train_detectron2"]
+__all__ = ["INSTALL_HINT", "Detectron2Samples", "build_detectron2_model", "detectron2_architecture",
+           "require_detectron2", "train_detectron2"]
 
 INSTALL_HINT = (
     "--backend detectron2 needs detectron2, which is not on the package registry: build it from source "
@@ -37,8 +38,6 @@ INSTALL_HINT = (
     "(needs a C++ compiler, and nvcc for GPU ops; see https://detectron2.readthedocs.io/en/latest/tutorials/install.html), "
     "or use --backend torchvision"
 )
-# detectron2's BoxMode.XYXY_ABS, so that the dicts can be built without importing detectron2.
-XYXY_ABS = 0
 _CONFIGS = {"faster_rcnn_fpn": "COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml",
             "retinanet_fpn": "COCO-Detection/retinanet_R_50_FPN_1x.yaml"}
 _DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101, "resnet152": 152}
@@ -53,25 +52,24 @@ def require_detectron2():
     return detectron2
 
 
-def to_detectron2_dicts(pseudo, input_root: str | Path | None = None, fmt: str = "folder") -> list[dict]:
-    """:class:`dap_ray.data.pseudo_boxes.PseudoBoxes` as detectron2 dataset dicts.
+class Detectron2Samples(PseudoBoxDataset):
+    """The pseudo boxes' training samples as detectron2's models take them, keyed as
+    :class:`PseudoBoxDataset`'s: ``{"image": (3, h, w) uint8 RGB tensor, resized and flipped as
+    the torchvision backend does, "instances": Instances(gt_boxes, gt_classes 0-based),
+    "height", "width" (the original size), "image_id"}``."""
 
-    ``file_name`` is the image's path for folder inputs (so detectron2's own tools can
-    open it) and its id otherwise; ``image_id`` is always the id; ``category_id`` is the
-    0-based label (detectron2 adds no background class); boxes are ``XYXY_ABS`` lists.
-    """
-    dicts = []
-    for i, image_id in enumerate(pseudo.image_ids):
-        width, height = (int(v) for v in pseudo.sizes[i])
-        label = int(pseudo.labels[i])
-        file_name = (str(Path(input_root) / id_to_path(image_id)) if fmt == "folder" and input_root is not None
-                     else image_id)
-        dicts.append({
-            "file_name": file_name, "image_id": image_id, "width": width, "height": height,
-            "annotations": [{"bbox": [float(v) for v in box], "bbox_mode": XYXY_ABS, "category_id": label}
-                            for box in pseudo.boxes_of(i)],
-        })
-    return dicts
+    def _load(self, index: int, short_side: int, flip: bool) -> dict | None:
+        from detectron2.structures import Boxes, Instances
+
+        sample = super()._load(index, short_side, flip)
+        if sample is None:
+            return None
+        image = sample["image"]
+        instances = Instances(tuple(image.shape[1:]), gt_boxes=Boxes(sample["boxes"]),
+                              gt_classes=sample["labels"] - 1)
+        width, height = (int(v) for v in self.pseudo.sizes[index])
+        return {"image": image, "instances": instances, "height": height, "width": width,
+                "image_id": sample["image_id"]}
 
 
 def _zoo_config(name: str) -> Path:
@@ -152,7 +150,7 @@ def _detectron2_config(cfg, num_classes: int, output: Path, weights_file: str | 
     d2.INPUT.MIN_SIZE_TRAIN_SAMPLING = "choice"
     d2.INPUT.MAX_SIZE_TRAIN = cfg.max_size
     d2.INPUT.MIN_SIZE_TEST = cfg.min_sizes[-1]
-    d2.DATASETS.TRAIN = ("dap_pseudo_boxes",)
+    d2.DATASETS.TRAIN = ()  # the loader is built from the pseudo boxes directly (_train_loop)
     d2.DATASETS.TEST = ()
     d2.DATALOADER.NUM_WORKERS = cfg.loader_workers
     d2.DATALOADER.ASPECT_RATIO_GROUPING = True
@@ -175,29 +173,21 @@ def _detectron2_config(cfg, num_classes: int, output: Path, weights_file: str | 
 
 def _train_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker: detectron2's DefaultTrainer on this worker's share."""
-    import copy
-
     import ray.train
-    from detectron2.data import (
-        DatasetCatalog,
-        MetadataCatalog,
-        build_detection_train_loader,
-    )
-    from detectron2.data import detection_utils as utils
-    from detectron2.data import transforms as T
     from detectron2.engine import DefaultTrainer
     from detectron2.utils import comm
     from detectron2.utils.env import seed_all_rng
 
-    from dap_ray.data.images import decode_image
-    from dap_ray.data.pseudo_boxes import load_pseudo_boxes
-    from dap_ray.data.sources import ImageReader
+    from dap_ray.data.detection import AspectBatchSampler
+    from dap_ray.data.locations import LocatedImages, load_locations
+    from dap_ray.data.pseudo_boxes import open_box_cache
     from dap_ray.models.classifiers import unwrap_ddp
     from dap_ray.steps.pretrain.config import PretrainConfig
 
     cfg = PretrainConfig(**loop_config["config"])
     context = ray.train.get_context()
-    if context.get_world_size() > 1:
+    rank, world = context.get_world_rank(), context.get_world_size()
+    if world > 1:
         comm.create_local_process_group(context.get_local_world_size())
         if not cfg.use_gpu:
             # DefaultTrainer wraps the model for DDP with device_ids=[local rank], which only a
@@ -206,25 +196,17 @@ def _train_loop(loop_config: dict) -> None:
 
             wrap = defaults.create_ddp_model
             defaults.create_ddp_model = lambda model, **kwargs: wrap(model, **{"device_ids": None, **kwargs})
-    pseudo = load_pseudo_boxes(cfg.boxes, cfg.max_boxes_per_image)
-    dicts = to_detectron2_dicts(pseudo, cfg.input, cfg.format)
-    if "dap_pseudo_boxes" not in DatasetCatalog.list():
-        DatasetCatalog.register("dap_pseudo_boxes", lambda: dicts)
-        MetadataCatalog.get("dap_pseudo_boxes").set(thing_classes=loop_config["classes"])
+    pseudo = open_box_cache(loop_config["box_cache"], cfg.max_boxes_per_image)
+    samples = Detectron2Samples(pseudo, LocatedImages(pseudo, load_locations(pseudo, cfg.input, cfg.format,
+                                                                             cfg.image_column or "image")),
+                                cfg.max_size)
     d2 = _detectron2_config(cfg, len(loop_config["classes"]), Path(loop_config["output"]), loop_config["weights_file"])
-    reader = ImageReader(cfg.input, cfg.format, cfg.image_column or "image")
-    augmentations = [T.ResizeShortestEdge(cfg.min_sizes, cfg.max_size, "choice")]
-    if cfg.flip:
-        augmentations.append(T.RandomFlip(horizontal=True))
 
-    def mapper(record: dict) -> dict:
-        record = copy.deepcopy(record)
-        image = decode_image(reader.read(record["image_id"]))
-        image, transforms = T.apply_transform_gens(augmentations, image)
-        record["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
-        annotations = [utils.transform_instance_annotations(a, transforms, image.shape[:2]) for a in record.pop("annotations")]
-        record["instances"] = utils.filter_empty_instances(utils.annotations_to_instances(annotations, image.shape[:2]))
-        return record
+    def loader(start: int):
+        sampler = AspectBatchSampler(pseudo.sizes, cfg.batch_size, cfg.min_sizes, rank=rank, world=world,
+                                     seed=cfg.seed, start=start, flip=cfg.flip)
+        return torch.utils.data.DataLoader(samples, batch_sampler=sampler, collate_fn=list,
+                                           num_workers=cfg.loader_workers, pin_memory=cfg.use_gpu)
 
     class Trainer(DefaultTrainer):
         @classmethod
@@ -233,13 +215,15 @@ def _train_loop(loop_config: dict) -> None:
 
         @classmethod
         def build_train_loader(cls, config):
-            return build_detection_train_loader(config, mapper=mapper)
+            return loader(0)  # not iterated: replaced below once the start iteration is known
 
-    # The initial weights and the augmentations' draws come from the run's seed, as on the
-    # torchvision path (detectron2 seeds only in its default_setup, which is not used here).
-    seed_all_rng(cfg.seed + context.get_world_rank())
+    # The initial weights come from the run's seed, as on the torchvision path (detectron2
+    # seeds only in its default_setup, which is not used here).
+    seed_all_rng(cfg.seed + rank)
     trainer = Trainer(d2)
     trainer.resume_or_load(resume=True)
+    # The stream continues at the checkpoint's batch: a resumed run sees what an uninterrupted one would.
+    trainer._trainer.reset_data_loader(lambda: loader(trainer.start_iter))
     if trainer.start_iter > 0 and comm.is_main_process():
         print(f"resuming at iteration {trainer.start_iter}/{cfg.max_iters} from the last checkpoint", flush=True)
     trainer.train()
@@ -267,10 +251,12 @@ def train_detectron2(cfg, pseudo, classes: list[str], output: Path) -> dict:
     init_ray()
     fit_torch_trainer(  # detectron2 keeps its own checkpoints under RUN_DIR/detectron2
         _train_loop,
-        {"config": config_to_dict(cfg), "classes": classes, "output": str(output), "weights_file": weights_file},
+        {"config": config_to_dict(cfg), "classes": classes, "output": str(output), "weights_file": weights_file,
+         "box_cache": pseudo.folder},
         name="pretrain_detectron2", storage=run_storage(cfg.storage_path, output),
         num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-        cpus=cpus_per_worker(cfg.cpus_per_worker, cfg.use_gpu, cfg.num_workers), max_failures=cfg.max_failures,
+        cpus=cpus_per_worker(cfg.cpus_per_worker, cfg.use_gpu, cfg.num_workers, cfg.loader_workers),
+        max_failures=cfg.max_failures,
         state_file=None)
     history = _detectron2_history(output / "detectron2" / "metrics.json")
     meta = {"backend": "detectron2", "detector": cfg.detector, "backbone": cfg.backbone,

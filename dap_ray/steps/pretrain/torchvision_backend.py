@@ -1,8 +1,10 @@
 """Step 3 on Ray Train with torchvision detectors: pre-train a whole detector on the mined pseudo boxes.
 
 :func:`train_torchvision` runs a ``TorchTrainer`` (Ray Train V2) with W DDP workers. Every
-worker reads the mining run's ``boxes/*.parquet`` and the images they name (so both must be
-reachable from every node, as for Step 1), and draws its own stream of aspect-grouped,
+worker memory-maps the pseudo boxes' cache that the driver had built (once, beside the
+boxes: :mod:`dap_ray.data.pseudo_boxes`) and reads the images they name with one positioned
+read each (:mod:`dap_ray.data.locations`), so the cache and the input must be reachable
+from every node, as for Step 1; it draws its own stream of aspect-grouped,
 multi-scale, flipped batches (:class:`dap_ray.data.detection.AspectBatchSampler`) through a
 DataLoader. Training counts iterations, as the paper's does. Every ``checkpoint_every``
 iterations a checkpoint (model, optimiser, schedule, iteration, every rank's torch RNG
@@ -23,7 +25,8 @@ import torch
 
 from dap_ray.config import config_to_dict, save_config
 from dap_ray.data.detection import AspectBatchSampler, collate_detection
-from dap_ray.data.pseudo_boxes import PseudoBoxDataset, PseudoBoxes, load_pseudo_boxes
+from dap_ray.data.locations import LocatedImages, load_locations
+from dap_ray.data.pseudo_boxes import PseudoBoxDataset, PseudoBoxes, open_box_cache
 from dap_ray.models.detectors import build_detector
 from dap_ray.models.training import detector_optimizer, lr_factor, step_iterations
 from dap_ray.steps.detector_loop import STATE_FILE, restore, train_iterations
@@ -36,7 +39,8 @@ from dap_ray.steps.ray_setup import (
     train_worker_rank,
 )
 
-__all__ = ["detector_for", "make_optimizer", "schedule_factor", "train_torchvision", "training_loader"]
+__all__ = ["detector_for", "make_optimizer", "schedule_factor", "train_torchvision", "training_dataset",
+           "training_loader"]
 
 def schedule_factor(cfg: PretrainConfig, iteration: int) -> float:
     """Linear warm-up from ``warmup_factor``, then 10x drops at the ``lr_steps`` fractions of ``max_iters``."""
@@ -54,14 +58,18 @@ def detector_for(cfg: PretrainConfig, num_classes: int) -> torch.nn.Module:
 def training_loader(cfg: PretrainConfig, pseudo: PseudoBoxes, rank: int = 0, world: int = 1,
                     start: int = 0) -> torch.utils.data.DataLoader:
     """This rank's endless DataLoader of batches from batch ``start`` on (see AspectBatchSampler)."""
-    from dap_ray.data.sources import ImageReader
-
     sampler = AspectBatchSampler(pseudo.sizes, cfg.batch_size, cfg.min_sizes, rank=rank, world=world, seed=cfg.seed,
                                  start=start, flip=cfg.flip)
-    reader = ImageReader(cfg.input, cfg.format, cfg.image_column or "image")
-    return torch.utils.data.DataLoader(PseudoBoxDataset(pseudo, reader, cfg.max_size), batch_sampler=sampler,
-                      collate_fn=collate_detection, num_workers=cfg.loader_workers,
-                      persistent_workers=cfg.loader_workers > 0)
+    return torch.utils.data.DataLoader(training_dataset(cfg, pseudo), batch_sampler=sampler,
+                                       collate_fn=collate_detection, num_workers=cfg.loader_workers,
+                                       persistent_workers=cfg.loader_workers > 0, pin_memory=cfg.use_gpu)
+
+
+def training_dataset(cfg: PretrainConfig, pseudo: PseudoBoxes) -> PseudoBoxDataset:
+    """The pseudo boxes' dataset, reading each image with one positioned read (the input's index is
+    built first if missing: :func:`dap_ray.data.locations.load_locations`)."""
+    locations = load_locations(pseudo, cfg.input, cfg.format, cfg.image_column or "image")
+    return PseudoBoxDataset(pseudo, LocatedImages(pseudo, locations), cfg.max_size)
 
 
 def make_optimizer(cfg: PretrainConfig, model: torch.nn.Module):
@@ -80,7 +88,7 @@ def _train_loop(loop_config: dict) -> None:
     rank, world = train_worker_rank(cfg.use_gpu, cfg.cpus_per_worker)
     device = ray.train.torch.get_device()
 
-    pseudo = load_pseudo_boxes(cfg.boxes, cfg.max_boxes_per_image)
+    pseudo = open_box_cache(loop_config["box_cache"], cfg.max_boxes_per_image)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = ray.train.torch.prepare_model(detector_for(cfg, loop_config["num_classes"]))
     optimizer, scheduler = make_optimizer(cfg, model)
@@ -96,14 +104,14 @@ def train_torchvision(cfg: PretrainConfig, pseudo: PseudoBoxes, classes: list[st
     under ``output``; return the meta. ``cfg`` comes from :func:`prepare_data`."""
     num_classes = len(classes)
     init_ray()
-    resolved = dataclasses.replace(cfg, cpus_per_worker=cpus_per_worker(cfg.cpus_per_worker, cfg.use_gpu, cfg.num_workers),
-                                   lr=cfg.learning_rate())
+    cpus = cpus_per_worker(cfg.cpus_per_worker, cfg.use_gpu, cfg.num_workers, cfg.loader_workers)
+    resolved = dataclasses.replace(cfg, cpus_per_worker=cpus, lr=cfg.learning_rate())
     save_config(resolved, output / "config.yaml")
-    print(f"pre-training {cfg.detector} ({cfg.backbone}) on {len(pseudo)} images, {len(pseudo.boxes)} pseudo boxes, "
+    print(f"pre-training {cfg.detector} ({cfg.backbone}) on {len(pseudo)} images, {pseudo.num_boxes} pseudo boxes, "
           f"{num_classes} classes; {pseudo.skipped_without_boxes} images without boxes skipped; "
           f"{cfg.num_workers} worker(s) x batch {cfg.batch_size}, {cfg.max_iters} iterations", flush=True)
     state = fit_torch_trainer(
-        _train_loop, {"config": config_to_dict(resolved), "num_classes": num_classes},
+        _train_loop, {"config": config_to_dict(resolved), "num_classes": num_classes, "box_cache": pseudo.folder},
         name="pretrain", storage=run_storage(cfg.storage_path, output),
         num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, cpus=resolved.cpus_per_worker,
         max_failures=cfg.max_failures, state_file=STATE_FILE)
@@ -118,7 +126,7 @@ def train_torchvision(cfg: PretrainConfig, pseudo: PseudoBoxes, classes: list[st
         "classes": ["__background__"] + classes,
         "iterations": state["iteration"],
         "images": len(pseudo),
-        "pseudo_boxes": int(len(pseudo.boxes)),
+        "pseudo_boxes": pseudo.num_boxes,
         "skipped_without_boxes": pseudo.skipped_without_boxes,
         "first_loss": history[0]["loss"] if history else None,
         "last_loss": history[-1]["loss"] if history else None,
