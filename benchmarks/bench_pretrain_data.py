@@ -10,8 +10,10 @@ Two parts, each measured in a fresh process so that its figures are its own:
    (the whole row group's images in one data page), ``parquet`` the same files rewritten by
    jobs/repack_parquet.py (pages of about 1 MiB, same rows and ids). Each gets a mining run's boxes (random boxes inside each image)
    and is read through the very dataset, sampler and collate that jobs/pretrain.py uses
-   (``training_loader``: one DataLoader process, the paper's sizes 96..640 and batch 2 per
-   worker), timed over --batches batches after 10 of warm-up, the fastest of --rounds
+   (one DataLoader process, the paper's sizes 96..640 and batch 2 per worker; the sampler's
+   batches are drawn once, over the folder's images, and given to every format as the same
+   images, so that formats differ only in how they read), timed over --batches batches after
+   10 of warm-up, the fastest of --rounds
    interleaved rounds. Also timed: one read of an
    image's bytes by the index (``read_ms``) and by the id-based ``ImageReader`` that Step 3
    used before (``idread_ms``), in the sampler's order; and the one-time index build, also
@@ -163,7 +165,7 @@ def measure_format(work: Path, fmt: str, batches: int) -> dict:
 
     from dap_ray.data.sources import ImageReader
     from dap_ray.steps.pretrain import PretrainConfig, prepare_data
-    from dap_ray.steps.pretrain.torchvision_backend import training_dataset, training_loader
+    from dap_ray.steps.pretrain.torchvision_backend import training_dataset
 
     run = work / f"{fmt}_run"
     cache = work / "cache" / fmt
@@ -177,12 +179,21 @@ def measure_format(work: Path, fmt: str, batches: int) -> dict:
     cfg, pseudo, _ = prepare_data(cfg)
     index_s = time.perf_counter() - t0
 
-    # Reads alone, in the order one rank's sampler takes them.
-    from dap_ray.data.detection import AspectBatchSampler
+    # Every format gets the same images in the same batches: the sampler's stream over the folder
+    # run's images, each mapped to this format's index by which made image it is.
+    import torch
 
-    sampler = iter(AspectBatchSampler(pseudo.sizes, 2, cfg.min_sizes, seed=1))
-    order = [i for _ in range(300) for i, _, _ in next(sampler)]
-    images = training_dataset(cfg, pseudo).images
+    from dap_ray.data.detection import AspectBatchSampler, collate_detection
+    from dap_ray.data.pseudo_boxes import load_pseudo_boxes
+
+    folder = load_pseudo_boxes(work / "folder_run" / "boxes", cache_dir=work / "cache" / "folder_ids")
+    here = {_image_number(fmt, image_id): i for i, image_id in enumerate(pseudo.image_ids)}
+    to_here = np.asarray([here[_image_number("folder", image_id)] for image_id in folder.image_ids])
+    sampler = iter(AspectBatchSampler(folder.sizes, cfg.batch_size, cfg.min_sizes, seed=cfg.seed))
+    batches = [[(int(to_here[i]), size, flip) for i, size, flip in next(sampler)] for _ in range(batches + 10)]
+    order = [i for batch in batches[:300] for i, _, _ in batch]
+    dataset = training_dataset(cfg, pseudo)
+    images = dataset.images
     t0 = time.perf_counter()
     for i in order:
         images.read(i)
@@ -193,11 +204,13 @@ def measure_format(work: Path, fmt: str, batches: int) -> dict:
         reader.read(pseudo.image_id(i))
     idread_ms = (time.perf_counter() - t0) / 200 * 1e3
 
-    loader = iter(training_loader(cfg, pseudo))
+    # training_loader's DataLoader, over those batches.
+    loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_detection,
+                                              num_workers=cfg.loader_workers))
     for _ in range(10):
         next(loader)
     t0 = time.perf_counter()
-    count = sum(len(next(loader)) for _ in range(batches))
+    count = sum(len(batch) for batch in loader)
     wall = time.perf_counter() - t0
     return {"images_per_s": round(count / wall, 1), "read_ms": round(read_ms, 3), "idread_ms": round(idread_ms, 2),
             "index_s": round(index_s, 2), "images": len(pseudo), "mean_kb": round(float(np.mean(
