@@ -78,6 +78,7 @@ def test_detectron2_backend_trains_writes_a_checkpoint_and_a_killed_run_resumes(
     # What a run killed in iteration 2 leaves: detectron2's checkpoint of iteration 1, no final
     # files, no logged metrics (detectron2 logs every 20 iterations and at the end).
     checkpoints = run / "detectron2"
+    uninterrupted = torch.load(run / "detector_final_d2.pth", weights_only=True)
     for path in [checkpoints / "model_final.pth", checkpoints / "model_0000001.pth", checkpoints / "metrics.json",
                  run / "detector_final_d2.pth", run / "detector_final.pt", run / "meta.json"]:
         path.unlink()
@@ -91,6 +92,9 @@ def test_detectron2_backend_trains_writes_a_checkpoint_and_a_killed_run_resumes(
     final = torch.load(run / "detector_final_d2.pth", weights_only=True)
     moved = [k for k in after_one if k.startswith("roi_heads") and not torch.equal(final[k], after_one[k])]
     assert moved  # one more step from the iteration-1 weights
+    # ... on the batch and with the proposal draws the uninterrupted run had: the same weights.
+    differ = [k for k in final if not torch.equal(final[k], uninterrupted[k])]
+    assert not differ, differ[:5]
     assert (run / "detector_final.pt").is_file()
 
 

@@ -209,3 +209,89 @@ def test_parquet_of_whole_row_groups_per_page_is_named_then_repacked_into_small_
     bad = subprocess.run(job[:2] + ["--input", str(tmp_path / "nothing")] + job[4:], cwd=root, capture_output=True,
                          text=True)
     assert bad.returncode == 2 and "input not found" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_an_index_is_built_again_when_its_files_change_even_at_the_same_size(formats, tmp_path):
+    import io
+    import shutil
+
+    from dap_ray.data.locations import changed_files
+
+    boxes_dir, source, _ = formats["tar"]
+    moved = tmp_path / "tar"
+    shutil.copytree(source, moved)
+    pseudo = load_pseudo_boxes(boxes_dir)
+    first = load_locations(pseudo, moved, "tar")
+    mined = [LocatedImages(pseudo, first).read(i) for i in range(len(pseudo))]
+    tar_path = moved / first.files[1]
+    with tarfile.open(tar_path) as tar:
+        members = [(info, tar.extractfile(info).read()) for info in tar if info.isfile()]
+    size = tar_path.stat().st_size
+    with tarfile.open(tar_path, "w") as tar:  # the same members in another order: the same size, other offsets
+        for info, data in reversed(members):
+            tar.addfile(info, io.BytesIO(data))
+    assert tar_path.stat().st_size == size and changed_files(first) == [first.files[1]]
+    in_that_tar = int(np.flatnonzero(np.asarray(first.file_index) == 1)[0])
+    with pytest.raises(OSError, match="changed since it was indexed"):
+        LocatedImages(pseudo, first).read(in_that_tar)  # never the bytes of another member
+    again = load_locations(pseudo, moved, "tar", check_files=True)
+    assert not changed_files(again)
+    assert [LocatedImages(pseudo, again).read(i) for i in range(len(pseudo))] == mined
+
+
+@pytest.mark.parametrize("damage, problem", [
+    ("gzip", "a compressed tar"),  # mining reads it; its members cannot be read in place
+    ("truncate", "is corrupt after"),  # the members before the fault are kept, as mining keeps them
+])
+def test_tars_that_cannot_be_read_in_place_are_named(formats, tmp_path, damage, problem):
+    import gzip
+    import shutil
+
+    boxes_dir, source, _ = formats["tar"]
+    moved = tmp_path / "tar"
+    shutil.copytree(source, moved)
+    pseudo = load_pseudo_boxes(boxes_dir)
+    name = sorted(p.name for p in moved.glob("*.tar"))[1]
+    data = (moved / name).read_bytes()
+    if damage == "gzip":
+        (moved / name).write_bytes(gzip.compress(data))
+    else:
+        with tarfile.open(moved / name) as tar:
+            first = tar.next()
+        end = first.offset_data + -(-first.size // 512) * 512
+        (moved / name).write_bytes(data[: end + 612])  # one whole member, then a header and part of its bytes
+    locations = load_locations(pseudo, moved, "tar")
+    assert any(problem in p and name in p for p in locations.problems), locations.problems
+    in_tar = np.asarray(locations.file_index) == locations.files.index(name)
+    images = LocatedImages(pseudo, locations)
+    assert (damage == "gzip") == (not in_tar.any())
+    for i in np.flatnonzero(in_tar):
+        assert images.read(int(i))  # what the index kept reads whole
+
+
+def test_ids_of_another_format_and_corrupt_parquet_pages_cost_images_not_the_run(formats, tmp_path):
+    import shutil
+
+    boxes_dir, source, _ = formats["folder"]
+    pseudo = load_pseudo_boxes(boxes_dir)  # folder ids, no "::": read as tars they match nothing
+    tars = formats["tar"][1]
+    assert load_locations(pseudo, tars, "tar").missing == len(pseudo)
+
+    boxes_dir, source, _ = formats["parquet"]
+    broken = tmp_path / "parquet"
+    shutil.copytree(source, broken)
+    pseudo = load_pseudo_boxes(boxes_dir)
+    locations = load_locations(pseudo, broken, "parquet")
+    data = bytearray((broken / "images.parquet").read_bytes())
+    start = int(locations.pages["pages_offset"][0])
+    data[start : start + 8] = b"\xff" * 8  # the first data page's header, garbled
+    stat = (broken / "images.parquet").stat()
+    (broken / "images.parquet").write_bytes(bytes(data))
+    os.utime(broken / "images.parquet", ns=(stat.st_atime_ns, stat.st_mtime_ns))  # unnoticed by the file check
+    first_row = int(np.argmin(np.asarray(locations.offset)))  # the lowest row held: in the first page
+    with pytest.raises(OSError, match="cannot read"):
+        LocatedImages(pseudo, locations).read(first_row)
+    assert "image_id" in PseudoBoxDataset(pseudo, LocatedImages(pseudo, locations), max_size=96)[(first_row, 48, False)]
+
+    wrong_column = load_locations(pseudo, source, "parquet", image_column="jpg")
+    assert wrong_column.missing == len(pseudo) and "no column 'jpg'" in wrong_column.problems[0]

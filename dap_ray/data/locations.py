@@ -34,9 +34,10 @@ import numpy as np
 
 from dap_ray.data.sources import FORMATS, id_to_path
 
-__all__ = ["ImageLocations", "LocatedImages", "load_locations", "locations_folder", "scan_input_file"]
+__all__ = ["ImageLocations", "LocatedImages", "changed_files", "load_locations", "locations_folder",
+           "scan_input_file"]
 
-LOCATIONS_VERSION = 1
+LOCATIONS_VERSION = 2
 # Decoded Parquet dictionary pages kept per reader (each DataLoader process has one).
 DICTIONARY_CACHE_BYTES = 256 << 20
 # A Parquet file whose data pages hold more images than this on average is named at indexing:
@@ -51,8 +52,9 @@ class ImageLocations:
     ``file_index`` (n,) int32 into ``files`` (-1: not in the input, see ``missing``);
     ``offset`` (n,) int64, a tar member's data offset or a Parquet row (-1: the Parquet value
     is a path, the id's key); ``size`` (n,) int64, a tar member's size. ``files``: names
-    relative to ``root`` as ids write them; ``file_sizes`` (f,) int64, checked when a file is
-    opened (an index never reads a changed file). Parquet page tables: ``pages_*`` arrays of
+    relative to ``root`` as ids write them; ``file_sizes`` and ``file_mtimes`` (f,) int64 (-1
+    and 0 for a file that could not be indexed), checked when a file is opened (an index never
+    reads a changed file) and by :func:`changed_files`. Parquet page tables: ``pages_*`` arrays of
     all files, file k's rows ``page_start[k]:page_start[k + 1]`` (its ``dictionary`` entries
     index ``dict_*[dict_start[k]:]``); ``num_rows`` and ``max_definition_level`` per file.
     """
@@ -62,6 +64,7 @@ class ImageLocations:
     image_column: str = "image"
     files: tuple[str, ...] = ()
     file_sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    file_mtimes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     file_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     offset: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     size: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -87,26 +90,48 @@ def scan_input_file(fmt: str, root: str, name: str, image_column: str = "image")
 
     path = Path(root) / id_to_path(name)
     try:
-        size = path.stat().st_size
+        stat = path.stat()
         if fmt == "tar":
-            members, offsets, sizes = [], [], []
-            with tarfile.open(path) as tar:
-                for info in tar:
-                    if info.isfile():
-                        members.append(path_to_id(info.name))
-                        offsets.append(info.offset_data)
-                        sizes.append(info.size)
+            members, offsets, sizes, problem = [], [], [], None
+            # "r:": an uncompressed tar only, whose members' offsets are offsets in the file itself.
+            with tarfile.open(path, "r:") as tar:
+                try:
+                    for info in tar:
+                        # A member whose bytes run past the file's end (a cut tar) is not in the index.
+                        if info.isfile() and info.offset_data + info.size <= stat.st_size:
+                            members.append(path_to_id(info.name))
+                            offsets.append(info.offset_data)
+                            sizes.append(info.size)
+                except (OSError, tarfile.TarError) as exc:  # the members before the fault stay, as in mining
+                    problem = f"{name} is corrupt after {len(members)} members: {exc}"
             # An Arrow array travels back from a Ray task as a few buffers, not a pickled string each.
-            return {"size": size, "members": pa.array(members, pa.large_string()),
-                    "offsets": np.asarray(offsets, np.int64), "sizes": np.asarray(sizes, np.int64)}
+            return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "problem": problem,
+                    "members": pa.array(members, pa.large_string()), "offsets": np.asarray(offsets, np.int64),
+                    "sizes": np.asarray(sizes, np.int64)}
         from dap_ray.data.parquet_pages import scan_column_pages
 
         pages = scan_column_pages(path, image_column)
-    except (OSError, tarfile.TarError, ValueError) as exc:
+    except tarfile.CompressionError as exc:
         return {"error": f"cannot index {name}: {exc}"}
-    return {"size": size, "num_rows": pages.num_rows, "max_definition_level": pages.max_definition_level,
+    except tarfile.ReadError as exc:
+        reason = str(exc)
+        if fmt == "tar" and _is_compressed(path):
+            reason = "a compressed tar, whose members cannot be read in place: decompress it to pre-train from it"
+        return {"error": f"cannot index {name}: {reason}"}
+    except (OSError, tarfile.TarError, ValueError, IndexError) as exc:
+        return {"error": f"cannot index {name}: {exc}"}
+    except KeyError as exc:  # no such column
+        return {"error": f"cannot index {name}: {exc.args[0] if exc.args else exc}"}
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "num_rows": pages.num_rows,
+            "max_definition_level": pages.max_definition_level,
             **{f"pages_{a}": getattr(pages, a) for a in _PAGE_ARRAYS},
             "dict_offset": pages.dict_offset, "dict_length": pages.dict_length}
+
+
+def _is_compressed(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        head = handle.read(6)
+    return head[:2] == b"\x1f\x8b" or head[:3] == b"BZh" or head[:6] == b"\xfd7zXZ\x00"
 
 
 def _input_root(input_path: str | Path, fmt: str) -> Path:
@@ -127,10 +152,15 @@ def locations_folder(box_folder: str | Path | None, input_path: str | Path, fmt:
 
 
 def load_locations(pseudo, input_path: str | Path, fmt: str, image_column: str = "image",
-                   map_fn: Callable = map) -> ImageLocations:
+                   map_fn: Callable = map, check_files: bool = False) -> ImageLocations:
     """The locations of ``pseudo``'s images in ``input_path``, from the cache inside the pseudo
     boxes' cache folder, built first if missing (``map_fn``: ``map`` or a parallel map over
-    the input files, given a function of one file name). In memory when ``pseudo`` is."""
+    the input files, given a function of one file name). In memory when ``pseudo`` is.
+
+    ``check_files``: build the cached index again when an indexed file changed, went, or could
+    not be read when it was built (:func:`changed_files`: one ``stat`` per file; the step does
+    this once per run, in the driver; workers then trust it, and check each file they open).
+    """
     if fmt not in FORMATS:
         raise ValueError(f"unknown input format {fmt!r}: expected one of {FORMATS}")
     if not Path(input_path).exists():
@@ -140,7 +170,10 @@ def load_locations(pseudo, input_path: str | Path, fmt: str, image_column: str =
         return ImageLocations(fmt, str(root), image_column)
     folder = locations_folder(pseudo.folder, input_path, fmt, image_column)
     if folder is not None and (folder / "meta.json").is_file():
-        return _open_locations(str(folder))
+        cached = _open_locations(str(folder))
+        if not check_files or not changed_files(cached):
+            return cached
+        shutil.rmtree(folder, ignore_errors=True)
     arrays, meta = _build(pseudo, root, fmt, image_column, map_fn)
     if folder is None:
         return _assemble(meta, arrays, None)
@@ -172,15 +205,16 @@ def _split_ids(pseudo, chunk: int = 1 << 20):
     files: dict[str, int] = {}
     keys = []
     for first in range(0, n, chunk):
-        parts = pc.split_pattern(ids.slice(first, chunk), "::", max_splits=1)
-        located = pc.equal(pc.list_value_length(parts), 2).to_numpy(zero_copy_only=False)
-        names = pc.list_element(parts, 0)
+        # FILE::KEY, split at the first "::" (as read_shard writes ids); an id without one matches nothing.
+        parts = pc.extract_regex(ids.slice(first, chunk), r"(?s)^(?P<name>.*?)::(?P<key>.*)$")
+        located = parts.is_valid().to_numpy(zero_copy_only=False)
+        names = parts.field("name")
         for name in pc.unique(pc.filter(names, pa.array(located))).to_pylist():
             files.setdefault(name, len(files))
         known = pa.array(list(files), pa.large_string())
         local = pc.fill_null(pc.index_in(names, known), -1).to_numpy().astype(np.int32)
         file_index[first : first + len(local)] = np.where(located, local, -1)
-        keys.append(pc.if_else(pa.array(located), pc.list_element(parts, 1), pa.scalar(None, pa.large_string())))
+        keys.append(pc.if_else(pa.array(located), parts.field("key"), pa.scalar(None, pa.large_string())))
     keys = pa.chunked_array(keys, pa.large_string()).combine_chunks() if keys else pa.array([], pa.large_string())
     return file_index, list(files), keys
 
@@ -201,7 +235,7 @@ def _build(pseudo, root: Path, fmt: str, image_column: str, map_fn: Callable,
     size = np.zeros(n, np.int64)
     order = np.argsort(file_index, kind="stable")
     bounds = np.searchsorted(file_index[order], np.arange(len(files) + 1))
-    problems, file_sizes = [], np.zeros(len(files), np.int64)
+    problems, file_sizes, file_mtimes = [], np.zeros(len(files), np.int64), np.zeros(len(files), np.int64)
     pages: dict[str, list] = {f"pages_{a}": [] for a in _PAGE_ARRAYS} | {"dict_offset": [], "dict_length": []}
     page_start, dict_start, num_rows, max_def, crowded = [0], [0], [], [], []
     scan = functools.partial(scan_input_file, fmt, str(root), image_column=image_column)
@@ -211,11 +245,14 @@ def _build(pseudo, root: Path, fmt: str, image_column: str, map_fn: Callable,
             if "error" in found:
                 problems.append(f"{found['error']} ({len(rows)} images)")
                 file_index[rows] = -1
-                found = {"size": -1, "members": [], "offsets": np.zeros(0, np.int64), "sizes": np.zeros(0, np.int64),
+                found = {"size": -1, "mtime_ns": 0, "members": [], "offsets": np.zeros(0, np.int64),
+                         "sizes": np.zeros(0, np.int64),
                          "num_rows": 0, "max_definition_level": 0, "dict_offset": np.zeros(0, np.int64),
                          "dict_length": np.zeros(0, np.int64),
                          **{f"pages_{a}": np.zeros(0, np.int64) for a in _PAGE_ARRAYS}}
-            file_sizes[k] = found["size"]
+            file_sizes[k], file_mtimes[k] = found["size"], found.get("mtime_ns", 0)
+            if found.get("problem"):
+                problems.append(found["problem"])
             wanted = keys.take(pa.array(rows))
             if fmt == "tar":
                 # The last of two members of one name is the one a reader sees (tar's rule).
@@ -240,7 +277,8 @@ def _build(pseudo, root: Path, fmt: str, image_column: str, map_fn: Callable,
             dict_start.append(dict_start[-1] + len(found["dict_offset"]))
             num_rows.append(found["num_rows"])
             max_def.append(found["max_definition_level"])
-    arrays = {"file_sizes": file_sizes, "file_index": file_index, "offset": offset, "size": size}
+    arrays = {"file_sizes": file_sizes, "file_mtimes": file_mtimes, "file_index": file_index, "offset": offset,
+              "size": size}
     if fmt == "parquet":
         dtypes = {"pages_dictionary": np.int32, "pages_codec": np.int8}
         arrays |= {name: (np.concatenate(v) if v else np.zeros(0)).astype(dtypes.get(name, np.int64))
@@ -254,8 +292,24 @@ def _build(pseudo, root: Path, fmt: str, image_column: str, map_fn: Callable,
                         "or pre-train from tars")
     missing = int((file_index < 0).sum())
     meta = {"version": LOCATIONS_VERSION, "format": fmt, "root": str(root), "image_column": image_column,
-            "files": files, "images": n, "missing": missing, "problems": problems[:20]}
+            "files": files, "images": n, "missing": missing, "problems": problems[:20],
+            "unreadable_files": sum(size < 0 for size in file_sizes.tolist())}
     return arrays, meta
+
+
+def changed_files(locations: ImageLocations) -> list[str]:
+    """The indexed files that changed (size or modification time), are gone, or could not be
+    indexed when the index was built: an index with any is built again."""
+    changed = []
+    for k, name in enumerate(locations.files):
+        try:
+            stat = (Path(locations.root) / id_to_path(name)).stat()
+        except OSError:
+            changed.append(name)
+            continue
+        if (stat.st_size, stat.st_mtime_ns) != (locations.file_sizes[k], locations.file_mtimes[k]):
+            changed.append(name)
+    return changed
 
 
 def _open_locations(folder: str) -> ImageLocations:
@@ -267,7 +321,7 @@ def _open_locations(folder: str) -> ImageLocations:
 
 
 def _assemble(meta: dict, arrays: dict, folder: str | None) -> ImageLocations:
-    core = ("file_sizes", "file_index", "offset", "size")
+    core = ("file_sizes", "file_mtimes", "file_index", "offset", "size")
     return ImageLocations(meta["format"], meta["root"], meta["image_column"], tuple(meta["files"]),
                           **{name: arrays[name] for name in core},
                           pages={k: v for k, v in arrays.items() if k not in core}, missing=meta["missing"],
@@ -319,7 +373,10 @@ class LocatedImages:
 
         pages = self._column_pages(k)
         dictionaries = self._dictionaries.pop(k, {})
-        value = read_value(self._fd(k), pages, row, dictionaries)
+        try:
+            value = read_value(self._fd(k), pages, row, dictionaries)
+        except (ValueError, IndexError) as exc:  # a corrupt page: this image is unreadable, not the run
+            raise OSError(f"cannot read {self.pseudo.image_id(index)!r}: {exc}") from None
         self._keep_dictionaries(k, dictionaries, pages)
         if value is None:
             raise KeyError(f"{self.pseudo.image_id(index)!r} has no value in column {where.image_column!r}")
@@ -346,10 +403,11 @@ class LocatedImages:
             return self._open[k]
         path = Path(self.locations.root) / id_to_path(self.locations.files[k])
         fd = os.open(path, os.O_RDONLY)
-        if os.fstat(fd).st_size != self.locations.file_sizes[k]:
+        stat = os.fstat(fd)
+        if (stat.st_size, stat.st_mtime_ns) != (self.locations.file_sizes[k], self.locations.file_mtimes[k]):
             os.close(fd)
             raise OSError(f"{path} changed since it was indexed ({self.locations.file_sizes[k]} bytes then): "
-                          f"delete {self.locations.folder} to index it again")
+                          "pre-training indexes it again when it starts")
         if len(self._open) >= self.max_open:
             _, oldest = self._open.popitem(last=False)
             os.close(oldest)

@@ -79,7 +79,7 @@ def cpus_per_worker(requested: int | None, use_gpu: bool, num_workers: int, load
     (they decode and resize for it); else (CPU runs) the cluster's free CPUs shared out."""
     import ray
 
-    if requested is not None:
+    if requested:
         return requested
     if use_gpu:
         return 1 + loader_workers

@@ -138,11 +138,12 @@ def prepare_data(cfg: PretrainConfig, build: Callable | None = None) -> tuple[Pr
         raise ValueError(f"input not found: {cfg.input}")
     classes = read_class_map(cfg.class_map) if cfg.class_map else []
     folder = box_cache_folder(cfg.boxes, cfg.cache_dir)
-    if not (folder / "meta.json").is_file() or not _has_locations(folder, cfg):
+    if not (folder / "meta.json").is_file() or not _index_is_current(folder, cfg):
         args = (cfg.boxes, str(folder), cfg.input, cfg.format, cfg.image_column)
         summary = build(build_training_cache, *args) if build is not None else build_training_cache(*args)
         print(summary, flush=True)
     pseudo = open_box_cache(str(folder), cfg.max_boxes_per_image)
+    _report_index(pseudo, cfg)
     if len(pseudo) < cfg.num_workers:
         raise ValueError(f"{cfg.boxes} holds {len(pseudo)} images with boxes; {cfg.num_workers} workers need more")
     num_classes = max(len(classes), pseudo.max_label + 1)
@@ -151,11 +152,35 @@ def prepare_data(cfg: PretrainConfig, build: Callable | None = None) -> tuple[Pr
     return cfg, pseudo, classes or [f"class_{k}" for k in range(num_classes)]
 
 
-def _has_locations(folder: Path, cfg: PretrainConfig) -> bool:
-    from dap_ray.data.locations import locations_folder
+def _index_is_current(folder: Path, cfg: PretrainConfig) -> bool:
+    """Whether the input's index exists and no indexed file changed since (one ``stat`` a file)."""
+    from dap_ray.data.locations import changed_files, load_locations, locations_folder
+    from dap_ray.data.pseudo_boxes import open_box_cache
 
     located = locations_folder(folder, cfg.input, cfg.format, cfg.image_column)
-    return located is None or (located / "meta.json").is_file()
+    if located is None:
+        return True
+    if not (located / "meta.json").is_file():
+        return False
+    changed = changed_files(load_locations(open_box_cache(str(folder)), cfg.input, cfg.format, cfg.image_column))
+    if changed:
+        print(f"{len(changed)} input file(s) changed since they were indexed, or could not be read then (such as "
+              f"{changed[0]}): indexing again", flush=True)
+    return not changed
+
+
+def _report_index(pseudo, cfg: PretrainConfig) -> None:
+    """Say, on every run, what the input's index could not find; refuse a run that can read nothing."""
+    from dap_ray.data.locations import load_locations
+
+    locations = load_locations(pseudo, cfg.input, cfg.format, cfg.image_column)
+    if locations.missing == len(pseudo) and len(pseudo):
+        raise ValueError(f"none of the {len(pseudo)} images with pseudo boxes was found in {cfg.input} "
+                         f"(--format {cfg.format}): " + "; ".join(locations.problems[:3] or ["their ids name "
+                                                                                             "other files"]))
+    if locations.missing or locations.problems:
+        print(f"warning: {locations.missing} of {len(pseudo)} images were not found in {cfg.input} and are "
+              "skipped" + "".join(f"; {p}" for p in locations.problems[:3]), flush=True)
 
 
 def build_training_cache(boxes: str, folder: str, input_path: str, fmt: str, image_column: str,
@@ -175,14 +200,11 @@ def build_training_cache(boxes: str, folder: str, input_path: str, fmt: str, ima
     if map_fn is None:
         map_fn = _default_map()
     pseudo = open_box_cache(folder)
-    locations = load_locations(pseudo, input_path, fmt, image_column, map_fn=map_fn)
-    line = (f"pseudo boxes of {len(pseudo)} images cached in {folder} ({boxes_s:.1f} s); input indexed "
+    locations = load_locations(pseudo, input_path, fmt, image_column, map_fn=map_fn, check_files=True)
+    if fmt == "folder":
+        return f"pseudo boxes of {len(pseudo)} images cached in {folder} ({boxes_s:.1f} s); images read by path"
+    return (f"pseudo boxes of {len(pseudo)} images cached in {folder} ({boxes_s:.1f} s); input indexed "
             f"({len(locations.files)} files, {time.perf_counter() - started - boxes_s:.1f} s)")
-    if locations.missing:
-        line += f"; {locations.missing} image(s) not found in {input_path} will be skipped"
-    if locations.problems:
-        line += ": " + "; ".join(locations.problems[:3])
-    return line
 
 
 def _default_map() -> Callable:

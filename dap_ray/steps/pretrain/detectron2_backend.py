@@ -217,19 +217,53 @@ def _train_loop(loop_config: dict) -> None:
         def build_train_loader(cls, config):
             return loader(0)  # not iterated: replaced below once the start iteration is known
 
+        def build_hooks(self):
+            return [_rng_hook(self.checkpointer, cfg.checkpoint_every), *super().build_hooks()]
+
     # The initial weights come from the run's seed, as on the torchvision path (detectron2
     # seeds only in its default_setup, which is not used here).
     seed_all_rng(cfg.seed + rank)
     trainer = Trainer(d2)
-    trainer.resume_or_load(resume=True)
-    # The stream continues at the checkpoint's batch: a resumed run sees what an uninterrupted one would.
+    # DefaultTrainer.resume_or_load, keeping the checkpoint's extra state (the ranks' RNG states).
+    saved = trainer.checkpointer.resume_or_load(d2.MODEL.WEIGHTS, resume=True)
+    if trainer.checkpointer.has_checkpoint():
+        trainer.start_iter = trainer.iter + 1
+    # The stream continues at the checkpoint's batch and, once the loader's iterator has drawn its
+    # seed, the ranks' RNGs (proposal sampling) where they were: a resumed run sees what an
+    # uninterrupted one would, as on the torchvision path.
     trainer._trainer.reset_data_loader(lambda: loader(trainer.start_iter))
+    trainer._trainer._data_loader_iter  # noqa: B018 - made now, so that its seed draw precedes the restore
+    if trainer.start_iter > 0 and rank < len(saved.get("rng") or ()):
+        torch.set_rng_state(saved["rng"][rank])
     if trainer.start_iter > 0 and comm.is_main_process():
         print(f"resuming at iteration {trainer.start_iter}/{cfg.max_iters} from the last checkpoint", flush=True)
     trainer.train()
     if comm.is_main_process():
         torch.save(unwrap_ddp(trainer.model).state_dict(), Path(loop_config["output"]) / "detector_final_d2.pth")
     ray.train.report({"iterations": cfg.max_iters})
+
+
+def _rng_hook(checkpointer, period: int):
+    """A detectron2 hook, for every rank, that gathers the ranks' torch RNG states after each
+    iteration that ends in a checkpoint, and makes ``checkpointer.save`` store them (``rng``, a
+    list by rank). It must run before detectron2's ``PeriodicCheckpointer``, which only the
+    main process has (so the gathering, which every rank joins, cannot happen inside it)."""
+    from detectron2.engine import HookBase
+    from detectron2.utils import comm
+
+    class GatherRngStates(HookBase):
+        states: list | None = None
+
+        def after_step(self):
+            iteration = self.trainer.iter
+            if (iteration + 1) % period == 0 or iteration >= self.trainer.max_iter - 1:
+                state = torch.get_rng_state()
+                self.states = comm.all_gather(state) if comm.get_world_size() > 1 else [state]
+
+    hook = GatherRngStates()
+    save = checkpointer.save
+    checkpointer.save = lambda name, **extra: save(name, rng=hook.states, **extra)
+    return hook
 
 
 def train_detectron2(cfg, pseudo, classes: list[str], output: Path) -> dict:
