@@ -4,6 +4,7 @@ the same run.
 
     python benchmarks/bench_pretrain.py [--boxes MINE_DIR/boxes --backbone-weights classifier.pt]
         [--backbone resnet18] [--batch-size 4] [--iters 30] [--warmup 5] [--min-sizes 32 64 96 192] [--use-gpu]
+        [--loader-workers 0]
 
 Without --boxes it uses the built-in sample's pseudo boxes and classifier (made on first use,
 as jobs/pretrain.py's default). Prints training images/s of the plain loop and of the Ray Train
@@ -67,18 +68,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--roi-batch-size-per-image", type=int, default=128)
     parser.add_argument("--use-gpu", action="store_true")
+    parser.add_argument("--loader-workers", type=int, default=0,
+                        help="DataLoader processes (0: decode in the training process; a GPU wants several)")
     args = parser.parse_args()
     if args.iters % args.warmup:
         parser.error("--iters must be a multiple of --warmup")
 
     cfg = PretrainConfig(boxes=args.boxes, backbone_weights=args.backbone_weights,
-                         **({"backbone": args.backbone} if args.boxes else {}), detector=args.detector, batch_size=args.batch_size, num_workers=1, loader_workers=0,
+                         **({"backbone": args.backbone} if args.boxes else {}), detector=args.detector,
+                         batch_size=args.batch_size, num_workers=1, loader_workers=args.loader_workers,
                          cpus_per_worker=args.threads, use_gpu=args.use_gpu, lr=0.005, warmup_iters=20,
                          roi_batch_size_per_image=args.roi_batch_size_per_image, max_iters=args.warmup + args.iters,
                          checkpoint_every=args.warmup, log_every_s=1e9)
     if cfg.boxes is None:
         cfg = pretrain_defaults(cfg)
-        cfg = dataclasses.replace(cfg, num_workers=1, batch_size=args.batch_size, loader_workers=0,
+        cfg = dataclasses.replace(cfg, num_workers=1, batch_size=args.batch_size, loader_workers=args.loader_workers,
                                   max_iters=args.warmup + args.iters, checkpoint_every=args.warmup,
                                   roi_batch_size_per_image=args.roi_batch_size_per_image, lr=0.005,
                                   warmup_iters=20)
