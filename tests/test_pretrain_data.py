@@ -295,3 +295,25 @@ def test_ids_of_another_format_and_corrupt_parquet_pages_cost_images_not_the_run
 
     wrong_column = load_locations(pseudo, source, "parquet", image_column="jpg")
     assert wrong_column.missing == len(pseudo) and "no column 'jpg'" in wrong_column.problems[0]
+
+
+def test_large_boxes_have_their_cache_built_in_a_ray_task(formats, ray_session, tmp_path):
+    import dap_ray.steps.pretrain as step
+    from dap_ray.steps.pretrain import PretrainConfig, prepare_data
+
+    boxes_dir, source, _ = formats["webdataset"]
+    built = []
+
+    def in_task(fn, *args):  # what pretrain() passes for boxes over IN_TASK_BYTES
+        built.append(fn.__name__)
+        return step._build_in_task(fn, *args)
+
+    cfg = PretrainConfig(boxes=str(boxes_dir), output=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"))
+    cfg, pseudo, classes = prepare_data(cfg, build=in_task)
+    assert built == ["build_training_cache"] and len(pseudo) == 22 and classes == ["disc", "square", "triangle"]
+    assert pseudo.folder.startswith(str(tmp_path / "cache"))
+    locations = load_locations(pseudo, source, "tar")  # the task's index, opened here
+    assert locations.folder is not None and locations.missing == 0
+    assert LocatedImages(pseudo, locations).read(0)
+    prepare_data(cfg, build=in_task)
+    assert built == ["build_training_cache"]  # built once: a second run only opens it
