@@ -46,9 +46,7 @@ class ImageIds(Sequence):
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
+    def __getitem__(self, index: int) -> str:
         if index < 0:
             index += len(self)
         if not 0 <= index < len(self):
@@ -88,19 +86,6 @@ class PseudoBoxes:
                              f"{self.offsets.shape}, id offsets {self.id_offsets.shape}")
         if self.boxes.ndim != 2 or self.boxes.shape[1] != 4 or len(self.boxes) != self.offsets[-1]:
             raise ValueError(f"boxes of shape {self.boxes.shape} for offsets ending at {self.offsets[-1]}")
-
-    @classmethod
-    def from_lists(cls, image_ids: list[str], labels, sizes, boxes: list[np.ndarray], **kwargs) -> PseudoBoxes:
-        """In memory, from one (N_i, 4) float32 xyxy array per image (best score first)."""
-        encoded = [i.encode("utf-8") for i in image_ids]
-        counts = [len(b) for b in boxes]
-        return cls(labels=np.asarray(labels, np.int32).reshape(-1), sizes=np.asarray(sizes, np.int32).reshape(-1, 2),
-                   offsets=np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64),
-                   boxes=np.concatenate([np.asarray(b, np.float32).reshape(-1, 4) for b in boxes] or
-                                        [np.zeros((0, 4), np.float32)]),
-                   id_bytes=np.frombuffer(b"".join(encoded), np.uint8),
-                   id_offsets=np.concatenate([[0], np.cumsum([len(e) for e in encoded])]).astype(np.int64),
-                   **kwargs)
 
     def __reduce__(self):
         if self.folder is None:
