@@ -292,8 +292,7 @@ def _build(pseudo, root: Path, fmt: str, image_column: str, map_fn: Callable,
                         "or pre-train from tars")
     missing = int((file_index < 0).sum())
     meta = {"version": LOCATIONS_VERSION, "format": fmt, "root": str(root), "image_column": image_column,
-            "files": files, "images": n, "missing": missing, "problems": problems[:20],
-            "unreadable_files": sum(size < 0 for size in file_sizes.tolist())}
+            "files": files, "images": n, "missing": missing, "problems": problems[:20]}
     return arrays, meta
 
 
@@ -341,12 +340,10 @@ class LocatedImages:
         self.pseudo, self.locations, self.max_open = pseudo, locations, max_open
         self._open: OrderedDict[int, int] = OrderedDict()
         self._pages: dict[int, object] = {}
-        self._dictionaries: OrderedDict[int, dict] = OrderedDict()
-        self._dictionary_bytes: dict[int, int] = {}
+        self._dictionaries: OrderedDict[int, tuple[dict, int]] = OrderedDict()  # file -> (pages, bytes)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_open": OrderedDict(), "_pages": {}, "_dictionaries": OrderedDict(),
-                "_dictionary_bytes": {}}
+        return {**self.__dict__, "_open": OrderedDict(), "_pages": {}, "_dictionaries": OrderedDict()}
 
     def __del__(self) -> None:
         for fd in getattr(self, "_open", {}).values():
@@ -372,7 +369,7 @@ class LocatedImages:
         from dap_ray.data.parquet_pages import read_value
 
         pages = self._column_pages(k)
-        dictionaries = self._dictionaries.pop(k, {})
+        dictionaries, _ = self._dictionaries.pop(k, ({}, 0))
         try:
             value = read_value(self._fd(k), pages, row, dictionaries)
         except (ValueError, IndexError) as exc:  # a corrupt page: this image is unreadable, not the run
@@ -391,11 +388,9 @@ class LocatedImages:
         size = sum(int(pages.dict_length[d]) for d in dictionaries)
         if size > DICTIONARY_CACHE_BYTES:
             return
-        self._dictionaries[k] = dictionaries
-        self._dictionary_bytes[k] = size
-        while sum(self._dictionary_bytes[f] for f in self._dictionaries) > DICTIONARY_CACHE_BYTES:
-            oldest, _ = self._dictionaries.popitem(last=False)
-            self._dictionary_bytes.pop(oldest)
+        self._dictionaries[k] = (dictionaries, size)
+        while sum(kept for _, kept in self._dictionaries.values()) > DICTIONARY_CACHE_BYTES:
+            self._dictionaries.popitem(last=False)
 
     def _fd(self, k: int) -> int:
         if k in self._open:
