@@ -78,6 +78,7 @@ class ClassifierTrainConfig:
     storage_path: str | None = field(default=None, metadata={
         "help": "where Ray Train keeps checkpoints (default OUTPUT/ray; use shared storage on a cluster)"})
     seed: int = field(default=0, metadata={"help": "split and initialisation seed"})
+    log_every_s: float = field(default=20.0, metadata={"help": "seconds between progress lines within an epoch"})
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -228,7 +229,7 @@ def _train_loop(loop_config: dict) -> None:
             correct += int((logits.argmax(1) == labels).sum())
             loss_sum += float(loss) * len(labels)
             now = time.perf_counter()
-            if rank == 0 and now - last_print > 20:
+            if rank == 0 and now - last_print >= cfg.log_every_s:
                 print(f"epoch {epoch + 1}/{cfg.epochs} step {step + 1}/{steps_per_epoch} "
                       f"loss {loss_sum / seen:.4f} {seen * world / (now - started):.1f} images/s", flush=True)
                 last_print = now
@@ -282,7 +283,7 @@ def _evaluate(model, loader, device, autocast) -> tuple[int, int]:
 
 
 # Settings that change how the work is spread, not what is learnt: a rerun may change them.
-OPERATIONAL = ("output", "use_gpu", "cpus_per_worker", "loader_workers", "max_failures", "storage_path")
+OPERATIONAL = ("output", "use_gpu", "cpus_per_worker", "loader_workers", "max_failures", "storage_path", "log_every_s")
 
 
 def saved_split(output: Path, items: list[tuple[str, int]], cfg: ClassifierTrainConfig,

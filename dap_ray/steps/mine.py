@@ -94,6 +94,10 @@ class MineConfig:
         "help": "torch.compile the CAM network in each model actor (the first batches compile, about a minute on "
                 "an H200, then 1.1x there: benchmarks/bench_gpu_mine.py)"})
     num_gpus_per_actor: float = field(default=0.0, metadata={"help": "GPUs per model actor (0: CPU actors)"})
+    device: Literal["auto", "cuda", "cpu"] = field(default="auto", metadata={
+        "help": "where the model actors compute: auto: cuda when they hold GPUs (a GPU node without a working driver "
+                "fails loudly), else cpu; cpu with --num-gpus-per-actor: Ray schedules the GPU path's actors as for GPUs "
+                "and they compute on CPU (clusters of fake GPU nodes in tests, debugging a GPU deployment)"})
     actors: tuple[int, ...] | None = field(default=None, metadata={
         "help": "MIN MAX model actors, an autoscaling pool (default with GPUs: from 1 up to every GPU the cluster "
                 "has or its autoscaler can add; on CPU a fixed pool of one actor per CPU of the largest node, "
@@ -124,6 +128,10 @@ class MineConfig:
         for name in ("batch_size", "shard_size", "rows_per_file"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"device must be auto, cuda or cpu, got {self.device!r}")
+        if self.device == "cuda" and self.num_gpus_per_actor <= 0:
+            raise ValueError("device cuda needs --num-gpus-per-actor above 0: Ray would give the actors no GPU")
         if self.decode not in ("auto", "tasks", "actors"):
             raise ValueError(f"decode must be auto, tasks or actors, got {self.decode!r}")
         if self.limit is not None and self.limit < 1:
@@ -306,6 +314,7 @@ def _mine(cfg: MineConfig, output: Path) -> dict:
             ds = ds.map_batches(decode_and_resize, batch_format="pyarrow", batch_size=16,
                                 fn_kwargs={"scales": scales}, num_cpus=1 if on_gpu else cfg.cpus_per_actor)
         min_actors, max_actors = actor_pool_sizes(cfg)
+        device = "cpu" if cfg.device == "cpu" or not on_gpu else "cuda"
         ds = ds.map_batches(
             EncodedCamBoxStage if decode_in_actors else CamBoxStage,
             batch_format="pyarrow",
@@ -316,7 +325,7 @@ def _mine(cfg: MineConfig, output: Path) -> dict:
             fn_constructor_kwargs=dict(classifier=cfg.classifier, weights=cfg.weights, num_classes=num_classes,
                                        scales=scales, flip=cfg.flip, box_config=cfg.box_config(),
                                        batch_size=min(cfg.batch_size, GPU_FORWARD_IMAGES) if on_gpu
-                                       else cfg.batch_size, device="cuda" if on_gpu else "cpu",
+                                       else cfg.batch_size, device=device,
                                        torch_threads=cfg.torch_threads, compile=cfg.compile),
         )  # Ray Data's actor pools restart a dead actor and retry its batches (max_restarts=-1 by default).
         # Rows reach the writer small (ids and boxes): bundling rows_per_file of them per file keeps

@@ -173,9 +173,15 @@ def grid_tune_config(concurrent: int, seed: int, scheduler=None):
                                search_alg=BasicVariantGenerator(random_state=seed, max_concurrent=concurrent))
 
 
+# A trial lost with its node (a spot instance reclaimed, a node that died) runs again from its start,
+# up to this many times; its sweep's finished trials are kept.
+TRIAL_RETRIES = 3
+
+
 def _grid_tuner(experiment: Path, trainable, space: dict, tune_config):
     """The sweep in ``experiment`` (a folder under the run's storage) resumed, finished trials kept
-    and errored ones retried, or a new one over ``space``; each trial is retried once on failure."""
+    and errored ones retried, or a new one over ``space``; a failed trial runs again up to
+    :data:`TRIAL_RETRIES` times."""
     import ray.tune
 
     if ray.tune.Tuner.can_restore(str(experiment)):
@@ -185,7 +191,7 @@ def _grid_tuner(experiment: Path, trainable, space: dict, tune_config):
     return ray.tune.Tuner(trainable, param_space=space, tune_config=tune_config,
                           run_config=ray.tune.RunConfig(name=experiment.name, storage_path=str(experiment.parent),
                                                         verbose=0,
-                                                        failure_config=ray.tune.FailureConfig(max_failures=1)))
+                                                        failure_config=ray.tune.FailureConfig(max_failures=TRIAL_RETRIES)))
 
 
 def tune_boxes(cfg: TuneBoxesConfig) -> dict:

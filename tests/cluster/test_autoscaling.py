@@ -1,0 +1,64 @@
+"""Ray's own autoscaler (the ``fake_multinode`` provider) under a mining run of the GPU path:
+the model pool grows past one actor as the autoscaler adds GPU nodes, and the nodes leave once idle."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from tests.cluster.conftest import actor_nodes, fake_autoscaling_cluster, record_figure, wait_for
+
+pytestmark = pytest.mark.cluster
+GPU_NODE = {"resources": {"CPU": 2, "GPU": 1, "object_store_memory": 150_000_000}, "max_workers": 3}
+
+
+@pytest.fixture(scope="module")
+def autoscaling():
+    with fake_autoscaling_cluster({"gpu_node": GPU_NODE}, idle_timeout_minutes=0.1) as cluster:
+        yield cluster
+
+
+def test_the_model_pool_grows_as_the_autoscaler_adds_gpu_nodes(autoscaling, tmp_path):
+    import torch
+
+    from dap_ray.data.sample import SampleConfig, make_sample_dataset
+    from dap_ray.steps.mine import MineConfig, mine
+    from tests.factories import tiny_resnet
+
+    sample = make_sample_dataset(tmp_path / "sample", SampleConfig(num_images=480, num_classes=3, image_size=32))
+    torch.manual_seed(0)
+    torch.save(tiny_resnet(num_classes=3).state_dict(), tmp_path / "weights.pt")
+    assert autoscaling.gpu_nodes_alive() == 0  # the head alone: no CPUs, no GPUs
+
+    pool_sizes: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            pool_sizes.append(len([1 for _ in actor_nodes("MapWorker")]))
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    started = time.monotonic()
+    # The GPU path (encoded bytes to the actors, one GPU each) as a user runs it with GPUs; the
+    # actors compute on CPU because these nodes' GPUs are fake.
+    summary = mine(MineConfig(
+        input=str(sample / "images"), class_map=str(sample / "classes.txt"), output=str(tmp_path / "mined"),
+        classifier="tests.factories:slow_tiny_resnet", weights=str(tmp_path / "weights.pt"), scales=(32,),
+        num_gpus_per_actor=1, device="cpu", batch_size=2, shard_size=8))
+    wall = time.monotonic() - started
+    stop.set()
+    watcher.join()
+    # Random weights on 32-pixel shapes: some CAMs are constant, recorded as errors, each image once.
+    assert summary["images"] + summary["errors"] == 480 and summary["images"] > 240
+    assert summary["config"]["decode"] == "auto" and summary["config"]["num_gpus_per_actor"] == 1
+    largest = max(pool_sizes)
+    assert largest > 1, f"the pool never grew past one actor: {pool_sizes}"
+    released = wait_for(lambda: autoscaling.gpu_nodes_alive() == 0, timeout=90, step=1.0)
+    assert released, "the idle GPU nodes were not released"
+    record_figure(f"autoscaling: 480 images on the GPU path from a head with no GPUs: the pool grew to {largest} "
+                  f"actors on {largest} autoscaled GPU nodes, mined in {wall:.0f} s; the idle nodes left "
+                  f"{time.monotonic() - started - wall:.0f} s after the run")

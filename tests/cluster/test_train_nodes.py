@@ -1,0 +1,120 @@
+"""Steps 1, 3 and 4 on several nodes: a node preempted (drained with the PREEMPTION reason, then
+killed), later another killed outright, mid-run; each run resumes from its last checkpoint on
+the nodes that remain or join, and ends with the asked iteration count."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.cluster.conftest import LossSequence, record_figure, top_up
+
+pytestmark = pytest.mark.cluster
+SLOW = "tests.factories:slow_tiny_resnet"  # tiny_resnet's weights, 0.1 s per forward pass
+
+
+def checkpointed(storage: Path):
+    """Whether Ray Train wrote a checkpoint under ``storage`` since the loss at ``since`` (a folder not
+    there when that loss was seen here: an old folder's time changes as Ray Train tidies it)."""
+    before: dict[float, set[str]] = {}
+
+    def progressed(since: float) -> bool:
+        names = {p.name for p in storage.glob("*/checkpoint_*")}
+        return bool(names - before.setdefault(since, names if since else set()))
+    return progressed
+
+
+def redone(nodes, progress: str, resumed: str, per_unit: int = 1) -> list[int]:
+    """Work done twice, in iterations (or steps), once per resume: how far the lost attempt's progress
+    lines had gone past the checkpoint the next attempt resumed from. Read from the workers' own log
+    files (each attempt is a new worker process; files of dead nodes stay on this machine's disk).
+    ``progress``/``resumed``: patterns whose groups give the position (iteration, or epoch and step)."""
+    attempts = []
+    for path in Path(nodes.tmp).glob("ray/session_2*/logs/worker-*.out"):  # not session_latest, a link
+        start, reached = None, None
+        for line in path.read_text(errors="replace").splitlines():
+            if (m := re.search(resumed, line)):
+                start = int(m.group(1)) * per_unit
+            elif (m := re.search(progress, line)):
+                groups = [int(g) for g in m.groups()]
+                at = groups[0] if len(groups) == 1 else (groups[0] - 1) * per_unit + groups[1]
+                reached = max(reached or 0, at)
+        if reached is not None:
+            attempts.append((start or 0, reached))
+    attempts.sort()
+    return [previous[1] - current[0] for previous, current in zip(attempts, attempts[1:], strict=False)]
+
+
+def report(step: str, back_after: list[float], counts: list[int], unit: str) -> None:
+    """One line per loss. A resume line can go missing (a line printed as a node dies may never reach
+    the driver): then the work redone is said to be unseen, not guessed."""
+    counts = counts + [None] * (len(back_after) - len(counts))
+    for how, seconds, count in zip(("preempted", "killed"), back_after, counts, strict=False):
+        redone_text = "work redone not seen" if count is None else f"{count} {unit} redone"
+        record_figure(f"{step}, node {how}: a new Ray Train worker up {seconds:.1f} s after the loss; {redone_text}")
+
+
+def test_classifier_training_survives_a_preemption_and_a_node_loss(node_cluster, tmp_path):
+    from dap_ray.data.sample import SampleConfig, make_sample_dataset
+    from dap_ray.steps.classify import ClassifierTrainConfig, train_classifier
+
+    top_up(node_cluster)
+    sample = make_sample_dataset(tmp_path / "sample", SampleConfig(num_images=40, num_classes=3, image_size=48))
+    run = tmp_path / "run"
+    losses = LossSequence(node_cluster, "RayTrainWorker", checkpointed(run / "ray"))
+    losses.start()
+    meta = train_classifier(ClassifierTrainConfig(
+        data=str(sample / "images"), class_map=str(sample / "classes.txt"), output=str(run), arch=SLOW, epochs=3,
+        batch_size=4, image_size=32, num_workers=1, cpus_per_worker=2, max_failures=1, log_every_s=0.0))
+    back_after = losses.check()
+    steps = len(json.loads((run / "split.json").read_text())["train"]) // 4  # whole batches: the last is dropped
+    counts = redone(node_cluster, r"epoch (\d+)/3 step (\d+)/", r"resuming after epoch (\d+)/3", per_unit=steps)
+    assert meta["epochs"] == 3 and counts and all(0 <= c < 2 * steps for c in counts)
+    assert (run / "classifier.pt").is_file()
+    report("Step 1 (classifier)", back_after, counts, f"steps (of {steps} per epoch; checkpoints every epoch)")
+
+
+def test_pretraining_survives_a_preemption_and_a_node_loss(node_cluster, pseudo_run, tmp_path):
+    from dap_ray.steps.pretrain import PretrainConfig, pretrain
+
+    top_up(node_cluster)
+    boxes_dir, _, weights = pseudo_run
+    run = tmp_path / "run"
+    losses = LossSequence(node_cluster, "RayTrainWorker", checkpointed(run / "ray"))
+    losses.start()
+    meta = pretrain(PretrainConfig(
+        boxes=str(boxes_dir), output=str(run), backbone=SLOW, backbone_weights=str(weights), num_workers=1,
+        cpus_per_worker=2, loader_workers=0, batch_size=2, max_iters=16, checkpoint_every=4, warmup_iters=2, lr=0.01,
+        min_sizes=(32,), max_size=64, roi_batch_size_per_image=16, log_every_s=0.0, max_failures=1))
+    back_after = losses.check()
+    counts = redone(node_cluster, r"iter (\d+)/16 loss", r"resuming at iteration (\d+)/16")
+    assert meta["iterations"] == 16 and [h["iteration"] for h in meta["history"]][-1] == 16
+    assert counts and all(0 <= c <= 2 * 4 for c in counts)
+    report("Step 3 (pre-training)", back_after, counts, "iterations (checkpoints every 4)")
+
+
+def test_finetuning_survives_a_preemption_and_a_node_loss(node_cluster, tmp_path):
+
+    from dap_ray.data.downstream_sample import DownstreamSampleConfig, make_downstream_sample
+    from dap_ray.steps.finetune import FinetuneConfig, finetune
+
+    top_up(node_cluster)
+    data = make_downstream_sample(tmp_path / "downstream",
+                                  DownstreamSampleConfig(num_train=16, num_test=4, num_classes=3, image_size=64))
+    run = tmp_path / "run"
+    losses = LossSequence(node_cluster, "RayTrainWorker", checkpointed(run / "ray"))
+    losses.start()
+    meta = finetune(FinetuneConfig(
+        train=str(data / "coco" / "train.json"), test=str(data / "coco" / "test.json"), train_images=str(data / "images"),
+        test_images=str(data / "images"), format="coco", output=str(run), init="scratch", backbone=SLOW, batch_size=2,
+        num_workers=1, cpus_per_worker=2, loader_workers=0, max_iters=20, checkpoint_every=4, eval_every=10,
+        min_sizes=(48,), max_size=96, roi_batch_size_per_image=16, lr=0.01, log_every_s=0.0, max_failures=1))
+    back_after = losses.check()
+    counts = redone(node_cluster, r"iter (\d+)/20 loss", r"resuming at iteration (\d+)/20")
+    assert meta["iterations"] == 20 and counts and all(0 <= c <= 2 * 4 for c in counts)
+    evaluations = [json.loads(line)["iteration"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert evaluations == [10, 20]  # each evaluation once, whatever was redone
+    report("Step 4 (fine-tuning)", back_after, counts, "iterations (checkpoints every 4)")
