@@ -276,7 +276,9 @@ def fake_autoscaling_cluster(worker_types: dict, idle_timeout_minutes: float = 0
         port = free_port()
         config = Path(tmp) / "autoscaling.json"
         config.write_text(json.dumps(fake_cluster_config(port, worker_types, idle_timeout_minutes)))
-        env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+        # Fake GPU nodes refuse to start under an empty CUDA_VISIBLE_DEVICES (CI sets one): their GPUs are Ray's only.
+        env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+        env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
         ray_cli = str(Path(sys.executable).with_name("ray"))
         subprocess.run([ray_cli, "start", "--head", f"--port={port}", f"--autoscaling-config={config}",
                         "--num-cpus=0", "--num-gpus=0", "--include-dashboard=false",
