@@ -22,7 +22,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -49,9 +49,8 @@ def own_ray_environment():
     """``RAY_TMPDIR`` of this cluster's own (short: Ray's socket paths must stay under 108 bytes),
     token authentication off for the head and the driver alike; both restored afterwards."""
     tmp = tempfile.mkdtemp(prefix="dapc", dir="/tmp")
-    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAY_AUTH_MODE", "RAY_ADDRESS", "RAY_DEDUP_LOGS")}
-    # Every worker's line reaches the driver: the tests read the resumed runs' progress lines.
-    os.environ.update(RAY_TMPDIR=tmp, RAY_AUTH_MODE="disabled", RAY_DEDUP_LOGS="0")
+    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAY_AUTH_MODE", "RAY_ADDRESS")}
+    os.environ.update(RAY_TMPDIR=tmp, RAY_AUTH_MODE="disabled")
     os.environ.pop("RAY_ADDRESS", None)
     try:
         yield tmp
@@ -97,7 +96,6 @@ class NodeCluster:
     cluster: object
     cpus: int
     tmp: str = ""  # RAY_TMPDIR: the session's logs lie under it
-    lost: list = field(default_factory=list)
 
     def add_worker(self, wait: bool = True):
         return self.cluster.add_node(wait=wait, num_cpus=self.cpus, object_store_memory=150 * 2**20)
@@ -111,7 +109,7 @@ class NodeCluster:
     def lose(self, node, how: str, deadline_s: float = 1.0) -> float:
         """Take ``node`` away: ``kill`` (every process at once) or ``preempt`` (drained with the
         PREEMPTION reason, as a cloud's spot reclaim notice does, then killed at the deadline).
-        Returns the time of the kill (``time.monotonic``)."""
+        Returns the time of the kill (``time.time()``: compared with files' modification times)."""
         if how == "preempt":
             from ray._raylet import GcsClient
             from ray.core.generated import autoscaler_pb2
@@ -125,8 +123,7 @@ class NodeCluster:
         elif how != "kill":
             raise ValueError(f"how must be kill or preempt, got {how!r}")
         self.cluster.remove_node(node, allow_graceful=False)
-        self.lost.append(node.node_id)
-        return time.monotonic()
+        return time.time()
 
 
 @pytest.fixture(scope="module")
@@ -208,8 +205,7 @@ class LossSequence(threading.Thread):
                 if not node_ids:
                     return
                 lost = self.nodes.node_of(node_ids[0])
-                self.nodes.lose(lost, how)
-                self.lost_at.append(time.time())
+                self.lost_at.append(self.nodes.lose(lost, how))
                 self.nodes.add_worker(wait=False)  # joins in a few seconds, as a cloud's replacement would
                 if wait_for(lambda lost=lost: [i for i in actor_nodes(self.fragment) if i != lost.node_id], 120):
                     self.back_after.append(time.time() - self.lost_at[-1])
