@@ -179,6 +179,7 @@ def test_exif_rotated_photos_are_mined_upright(rng, stage):
     [(dict(actors=(2, 1)), "actors"), (dict(scales=()), "scales"), (dict(batch_size=0), "batch_size"),
      (dict(decode="gpu"), "decode"), (dict(device="tpu"), "device must be"),
      (dict(device="cuda"), "device cuda needs --num-gpus-per-actor"),
+     (dict(actor_start_timeout_s=-1), "actor_start_timeout_s"),
      (dict(thresholds=(1.5,)), "thresholds"), (dict(preset="x"), "unknown preset"), (dict(limit=0), "limit"),
      (dict(cpus_per_actor=-1), "cpus_per_actor"), (dict(torch_threads=0), "torch_threads")],
 )

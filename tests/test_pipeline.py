@@ -4,6 +4,7 @@ import io
 import json
 import shutil
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -262,3 +263,11 @@ def test_a_killed_actor_is_replaced_and_every_image_still_written_once(ray_sessi
     files = sorted((output / "boxes").glob("*.parquet")) + sorted((output / "errors").glob("*.parquet"))
     ids = [i for f in files for i in pq.read_table(f, columns=["image_id"]).column(0).to_pylist()]
     assert len(ids) == len(set(ids)) == 40 and summary["images"] == 36
+
+
+def test_a_pool_whose_actors_never_start_stops_with_a_reason(ray_session, dataset, tmp_path):
+    # This Ray has no GPU and no autoscaler: the GPU path's actors can never start.
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"no model actor started within 2 s .*1 GPU\(s\)"):
+        mine(config(dataset, tmp_path / "out", num_gpus_per_actor=1, actor_start_timeout_s=2))
+    assert time.monotonic() - started < 60

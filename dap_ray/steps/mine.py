@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -102,6 +103,10 @@ class MineConfig:
         "help": "MIN MAX model actors, an autoscaling pool (default with GPUs: from 1 up to every GPU the cluster "
                 "has or its autoscaler can add; on CPU a fixed pool of one actor per CPU of the largest node, "
                 f"at most {MAX_CPU_ACTORS})"})
+    actor_start_timeout_s: float = field(default=1800.0, metadata={
+        "help": "stop with an error when no model actor has started after this many seconds (no node fits one and "
+                "the autoscaler added none: a GPU node type missing, a quota, a node that fails to start); cloud GPU "
+                "nodes take minutes to come; 0 waits for ever"})
     cpus_per_actor: float | None = field(default=None, metadata={
         "help": "CPUs Ray reserves per model actor (default: 1 with GPUs; on CPU, the node's CPUs less the one "
                 "kept for the read and write tasks, shared among the actors)"})
@@ -132,6 +137,8 @@ class MineConfig:
             raise ValueError(f"device must be auto, cuda or cpu, got {self.device!r}")
         if self.device == "cuda" and self.num_gpus_per_actor <= 0:
             raise ValueError("device cuda needs --num-gpus-per-actor above 0: Ray would give the actors no GPU")
+        if self.actor_start_timeout_s < 0:
+            raise ValueError(f"actor_start_timeout_s must be at least 0, got {self.actor_start_timeout_s}")
         if self.decode not in ("auto", "tasks", "actors"):
             raise ValueError(f"decode must be auto, tasks or actors, got {self.decode!r}")
         if self.limit is not None and self.limit < 1:
@@ -332,16 +339,26 @@ def _mine(cfg: MineConfig, output: Path) -> dict:
         # a 14M-image output to about a thousand files, each written whole.
         ds = ds.map_batches(write_results, batch_format="pyarrow", batch_size=cfg.rows_per_file,
                             fn_kwargs={"output": str(output)})
+        # Ray Data then waits for the pool's first actor before it streams, and gives up after the timeout.
+        ds.context.wait_for_min_actors_s = math.ceil(cfg.actor_start_timeout_s) or -1
         last = 0.0
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for key in counts:
-                counts[key] += sum(batch.column(key).to_pylist())
-            now = time.perf_counter()
-            if now - last > 10:
-                done_now = counts["images"] + counts["errors"]
-                print(f"mined {done_now} images ({counts['errors']} errors), "
-                      f"{done_now / (now - started):.1f} images/s", flush=True)
-                last = now
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for key in counts:
+                    counts[key] += sum(batch.column(key).to_pylist())
+                now = time.perf_counter()
+                if now - last > 10:
+                    done_now = counts["images"] + counts["errors"]
+                    print(f"mined {done_now} images ({counts['errors']} errors), "
+                          f"{done_now / (now - started):.1f} images/s", flush=True)
+                    last = now
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(
+                f"no model actor started within {cfg.actor_start_timeout_s:g} s (--actor-start-timeout-s): no node of "
+                f"the cluster fits one ({cfg.num_gpus_per_actor:g} GPU(s) and {cfg.cpus_per_actor:g} CPU(s) each) and "
+                f"its autoscaler added none; check the node types and quotas (`ray status`), or lower "
+                f"--num-gpus-per-actor / --cpus-per-actor. What was mined so far is kept; the same command resumes"
+            ) from None
     wall = time.perf_counter() - started
     summary = _summary(output, wall, counts, cfg)
     (output / "summary.json").write_text(json.dumps(summary, indent=2))

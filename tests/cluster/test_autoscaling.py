@@ -48,7 +48,8 @@ def test_the_model_pool_grows_as_the_autoscaler_adds_gpu_nodes(autoscaling, tmp_
     summary = mine(MineConfig(
         input=str(sample / "images"), class_map=str(sample / "classes.txt"), output=str(tmp_path / "mined"),
         classifier="tests.factories:slow_tiny_resnet", weights=str(tmp_path / "weights.pt"), scales=(32,),
-        num_gpus_per_actor=1, device="cpu", batch_size=2, shard_size=8))
+        num_gpus_per_actor=1, device="cpu", batch_size=2, shard_size=8,
+        actor_start_timeout_s=300))  # nodes that never start fail the test, not hang it
     wall = time.monotonic() - started
     stop.set()
     watcher.join()
