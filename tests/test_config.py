@@ -59,3 +59,25 @@ def test_help_lists_every_field_with_its_default():
     for flag in ("--name", "--count", "--rate", "--scales", "--flip", "--mode", "--limit", "--config"):
         assert flag in text
     assert "a name (default: x)" in text and "(default: 288 576)" in text
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({}, None),
+    ({"device": "cpu"}, None),  # GPUs held, CPU compute: fake GPU nodes
+    ({"device": "cuda", "use_gpu": True}, None),
+    ({"device": "cuda"}, "device cuda needs --use-gpu"),
+    ({"device": "tpu", "use_gpu": True}, "device must be auto, cuda or cpu"),
+])
+@pytest.mark.parametrize("step", ["classifier", "pretrain", "finetune"])
+def test_the_training_steps_check_their_device_alike(step, options, message):
+    from dap_ray.steps.classify import ClassifierTrainConfig
+    from dap_ray.steps.finetune import FinetuneConfig
+    from dap_ray.steps.pretrain import PretrainConfig
+
+    make = {"classifier": lambda **o: ClassifierTrainConfig(data="x", **o), "pretrain": PretrainConfig,
+            "finetune": FinetuneConfig}[step]
+    if message is None:
+        assert make(**options).device == options.get("device", "auto")
+    else:
+        with pytest.raises(ValueError, match=message):
+            make(**options)

@@ -35,11 +35,14 @@ from dap_ray.localisation.cam import IMAGENET_MEAN, IMAGENET_STD
 from dap_ray.models.classifiers import load_classifier, unwrap_ddp
 from dap_ray.runs import check_same_settings, open_run
 from dap_ray.steps.ray_setup import (
+    DEVICE_HELP,
+    check_device,
     cpus_per_worker,
     fit_torch_trainer,
     has_checkpoint,
     init_ray,
     run_storage,
+    train_device,
     train_worker_rank,
 )
 
@@ -70,6 +73,7 @@ class ClassifierTrainConfig:
     val_fraction: float = field(default=0.1, metadata={"help": "share of images held out for validation"})
     num_workers: int = field(default=1, metadata={"help": "Ray Train workers (DDP processes)"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker, bf16 autocast"})
+    device: Literal["auto", "cuda", "cpu"] = field(default="auto", metadata={"help": DEVICE_HELP})
     cpus_per_worker: int | None = field(default=None, metadata={
         "help": "CPUs reserved per worker (default: CPU runs share this node's CPUs among the workers; GPU runs "
                 "take one plus one per loader process, to decode with)"})
@@ -81,6 +85,7 @@ class ClassifierTrainConfig:
     log_every_s: float = field(default=20.0, metadata={"help": "seconds between progress lines within an epoch"})
 
     def __post_init__(self) -> None:
+        check_device(self.device, self.use_gpu, "--use-gpu")
         if not self.data:
             raise ValueError("data (the image folder) is required")
         for name in ("epochs", "batch_size", "image_size", "num_workers"):
@@ -174,8 +179,8 @@ def _train_loop(loop_config: dict) -> None:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = load_classifier(cfg.arch, num_classes=loop_config["num_classes"])
-    model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
-    device = ray.train.torch.get_device()
+    device = train_device(cfg.use_gpu, cfg.device)
+    model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last), move_to_device=device)
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     else:
@@ -349,7 +354,7 @@ def _train(cfg: ClassifierTrainConfig, listing, train_items: list, val_items: li
         {"config": config_to_dict(resolved), "train_items": train_items, "val_items": val_items,
          "num_classes": len(listing.classes)},
         name="classifier", storage=storage,
-        num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, cpus=resolved.cpus_per_worker,
+        num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, device=cfg.device, cpus=resolved.cpus_per_worker,
         max_failures=cfg.max_failures, state_file=_STATE_FILE)
     torch.save(state["model"], output / "classifier.pt")
     history = state["history"]

@@ -55,11 +55,14 @@ from dap_ray.models.training import detect, detector_optimizer, lr_factor, step_
 from dap_ray.runs import check_same_settings, open_run
 from dap_ray.steps.detector_loop import STATE_FILE, restore, train_iterations
 from dap_ray.steps.ray_setup import (
+    DEVICE_HELP,
+    check_device,
     cpus_per_worker,
     fit_torch_trainer,
     has_checkpoint,
     init_ray,
     run_storage,
+    train_device,
     train_worker_rank,
 )
 
@@ -159,6 +162,7 @@ class FinetuneConfig:
     batch_size: int = field(default=2, metadata={"help": "images per worker per iteration (the paper: 16 in all)"})
     num_workers: int = field(default=1, metadata={"help": "Ray Train workers (DDP processes)"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker, bf16 autocast"})
+    device: Literal["auto", "cuda", "cpu"] = field(default="auto", metadata={"help": DEVICE_HELP})
     cpus_per_worker: int | None = field(default=None, metadata={
         "help": "CPUs reserved per worker (default: CPU runs share this node's CPUs among the workers; GPU runs "
                 "take one plus one per loader process, to decode with)"})
@@ -173,6 +177,7 @@ class FinetuneConfig:
         "help": "where Ray Train keeps checkpoints (default RUN_DIR/ray; use shared storage on a cluster)"})
 
     def __post_init__(self) -> None:
+        check_device(self.device, self.use_gpu, "--use-gpu")
         for name in ("batch_size", "num_workers", "checkpoint_every", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -388,12 +393,12 @@ def _train_loop(loop_config: dict) -> None:
     seed = loop_config["seed"]
     output = Path(loop_config["output"])
     rank, world = train_worker_rank(cfg.use_gpu, cfg.cpus_per_worker)
-    device = ray.train.torch.get_device()
+    device = train_device(cfg.use_gpu, cfg.device)
 
     torch.manual_seed(seed)  # identical fresh layers on every rank
     model = build_model(cfg, len(train.classes))
     initialise(model, cfg.init or "scratch", detector=cfg.detector, backbone=cfg.backbone)
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(model, move_to_device=device)
     optimizer, scheduler = make_optimizer(cfg, model)
     start, state = restore(model, optimizer, scheduler, rank=rank, seed=seed, max_iters=cfg.max_iters)
     evaluations: list[dict] = state.get("evaluations", [])
@@ -524,7 +529,7 @@ def _run_one(cfg: FinetuneConfig, seed: int, train_all: DetectionSet, test: Dete
             _train_loop, {"config": config_to_dict(resolved), "train": train, "test": test, "seed": seed,
                           "output": str(folder)},
             name="finetune", storage=storage, num_workers=resolved.num_workers, use_gpu=resolved.use_gpu,
-            cpus=resolved.cpus_per_worker, max_failures=resolved.max_failures, state_file=STATE_FILE)
+            device=resolved.device, cpus=resolved.cpus_per_worker, max_failures=resolved.max_failures, state_file=STATE_FILE)
         torch.save(state["model"], folder / "detector_final.pt")
         # Written here from the last checkpoint, not by rank 0, whose node may be another.
         evaluations = state["evaluations"]

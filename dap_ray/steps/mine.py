@@ -40,7 +40,7 @@ from dap_ray.localisation.stages import (
     write_results,
 )
 from dap_ray.runs import open_run, settings_differ
-from dap_ray.steps.ray_setup import init_ray, map_on_ray
+from dap_ray.steps.ray_setup import check_device, computes_on_gpu, init_ray, map_on_ray
 
 __all__ = ["CPU_BATCH_SIZE", "GPU_BATCH_SIZE", "GPU_FORWARD_IMAGES", "MAX_CPU_ACTORS", "MineConfig", "actor_pool_sizes",
            "mine", "pool_problem", "resolve_actor_pool"]
@@ -133,10 +133,7 @@ class MineConfig:
         for name in ("batch_size", "shard_size", "rows_per_file"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.device not in ("auto", "cuda", "cpu"):
-            raise ValueError(f"device must be auto, cuda or cpu, got {self.device!r}")
-        if self.device == "cuda" and self.num_gpus_per_actor <= 0:
-            raise ValueError("device cuda needs --num-gpus-per-actor above 0: Ray would give the actors no GPU")
+        check_device(self.device, self.num_gpus_per_actor > 0, "--num-gpus-per-actor above 0")
         if self.actor_start_timeout_s < 0:
             raise ValueError(f"actor_start_timeout_s must be at least 0, got {self.actor_start_timeout_s}")
         if self.decode not in ("auto", "tasks", "actors"):
@@ -321,7 +318,7 @@ def _mine(cfg: MineConfig, output: Path) -> dict:
             ds = ds.map_batches(decode_and_resize, batch_format="pyarrow", batch_size=16,
                                 fn_kwargs={"scales": scales}, num_cpus=1 if on_gpu else cfg.cpus_per_actor)
         min_actors, max_actors = actor_pool_sizes(cfg)
-        device = "cpu" if cfg.device == "cpu" or not on_gpu else "cuda"
+        device = "cuda" if computes_on_gpu(on_gpu, cfg.device) else "cpu"
         ds = ds.map_batches(
             EncodedCamBoxStage if decode_in_actors else CamBoxStage,
             batch_format="pyarrow",

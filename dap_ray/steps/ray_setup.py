@@ -5,8 +5,27 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["TrainingFailedError", "cpus_per_worker", "fit_torch_trainer", "has_checkpoint", "init_ray", "map_on_ray",
-           "run_in_task", "run_storage", "train_worker_rank"]
+__all__ = ["DEVICE_HELP", "TrainingFailedError", "check_device", "computes_on_gpu", "cpus_per_worker", "fit_torch_trainer",
+           "has_checkpoint", "init_ray", "map_on_ray", "run_in_task", "run_storage", "train_device", "train_worker_rank"]
+
+DEVICE_HELP = ("where the workers compute: auto: cuda when they hold GPUs (a GPU node without a working driver fails "
+               "loudly), else cpu; cpu with GPUs held: Ray schedules the run as for GPUs and it computes on CPU "
+               "(clusters of fake GPU nodes in tests, debugging a GPU deployment)")
+
+
+def check_device(device: str, holds_gpus: bool, gpu_flag: str) -> None:
+    """A ``device`` setting (auto, cuda or cpu) checked against whether the run asks Ray for GPUs
+    (``gpu_flag`` names the option that does, for the message)."""
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device must be auto, cuda or cpu, got {device!r}")
+    if device == "cuda" and not holds_gpus:
+        raise ValueError(f"device cuda needs {gpu_flag}: Ray would give the workers no GPU")
+
+
+def computes_on_gpu(holds_gpus: bool, device: str) -> bool:
+    """Whether a run that holds GPUs (or not) computes on them, by its ``device`` setting."""
+    return holds_gpus and device != "cpu"
+
 
 
 def init_ray(**kwargs) -> None:
@@ -101,11 +120,21 @@ def train_worker_rank(use_gpu: bool, cpus_per_worker: int | None) -> tuple[int, 
     return context.get_world_rank(), context.get_world_size()
 
 
+def train_device(use_gpu: bool, device: str):
+    """Inside a Ray Train worker: the torch device its loop computes on (see :data:`DEVICE_HELP`)."""
+    import ray.train.torch
+    import torch
+
+    return ray.train.torch.get_device() if computes_on_gpu(use_gpu, device) else torch.device("cpu")
+
+
 def fit_torch_trainer(loop, loop_config: dict, *, name: str, storage: Path, num_workers: int, use_gpu: bool,
-                      cpus: int, max_failures: int, state_file: str | None, callbacks: list | None = None) -> dict:
+                      cpus: int, max_failures: int, state_file: str | None, callbacks: list | None = None,
+                      device: str = "auto") -> dict:
     """Run ``loop`` on a Ray Train (V2) ``TorchTrainer`` and return the last checkpoint's ``state_file``
     (``state_file=None``: a loop that keeps its own checkpoints; returns an empty dict).
 
+    ``device``: see :data:`DEVICE_HELP` (the loop itself picks its device with :func:`train_device`).
     Checkpoints live under ``storage/name``; a later call with the same two resumes from the
     last one (Train V2 restores the run), and ``FailureConfig(max_failures)`` restarts a
     failed worker group from it. The two newest checkpoints are kept. ``callbacks``: Ray
@@ -113,11 +142,13 @@ def fit_torch_trainer(loop, loop_config: dict, *, name: str, storage: Path, num_
     """
     import ray.train
     import torch
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
+        # Held GPUs that the loop does not compute on: NCCL would look for them, gloo runs on CPU.
+        torch_config=TorchConfig(backend="gloo") if use_gpu and not computes_on_gpu(use_gpu, device) else None,
         # With use_gpu, Ray adds one GPU to these; without the CPUs it would reserve none to decode with.
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cpus}),

@@ -63,3 +63,25 @@ def test_the_model_pool_grows_as_the_autoscaler_adds_gpu_nodes(autoscaling, tmp_
     record_figure(f"autoscaling: 480 images on the GPU path from a head with no GPUs: the pool grew to {largest} "
                   f"actors on {largest} autoscaled GPU nodes, mined in {wall:.0f} s; the idle nodes left "
                   f"{time.monotonic() - started - wall:.0f} s after the run")
+
+
+def test_a_gpu_pretraining_asks_for_its_nodes_and_starts_when_they_come(autoscaling, pseudo_run, tmp_path):
+    from dap_ray.steps.pretrain import PretrainConfig, pretrain
+
+    assert wait_for(lambda: autoscaling.gpu_nodes_alive() == 0, timeout=90, step=1.0), "GPU nodes left from before"
+    boxes_dir, _, weights = pseudo_run
+    started = time.monotonic()
+    # Two workers of one GPU each, as with --use-gpu on real GPUs (gloo and CPU compute: the GPUs are fake).
+    meta = pretrain(PretrainConfig(
+        boxes=str(boxes_dir), output=str(tmp_path / "run"), backbone="tests.factories:tiny_resnet",
+        backbone_weights=str(weights), num_workers=2, use_gpu=True, device="cpu", cpus_per_worker=1, loader_workers=0,
+        batch_size=2, max_iters=4, checkpoint_every=2, warmup_iters=1, lr=0.01, min_sizes=(32,), max_size=64,
+        roi_batch_size_per_image=16, log_every_s=1e9))
+    wall = time.monotonic() - started
+    assert meta["iterations"] == 4 and meta["history"][-1]["iteration"] == 4
+    assert meta["config"]["use_gpu"] is True and meta["config"]["device"] == "cpu"
+    released = wait_for(lambda: autoscaling.gpu_nodes_alive() == 0, timeout=90, step=1.0)
+    assert released, "the idle GPU nodes were not released"
+    record_figure(f"autoscaling: a 2-worker --use-gpu pre-training from no GPU nodes: the autoscaler added 2, the "
+                  f"run trained its 4 iterations, {wall:.0f} s in all; the nodes left "
+                  f"{time.monotonic() - started - wall:.0f} s after it")

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Literal
 
+from dap_ray.steps.ray_setup import DEVICE_HELP, check_device
+
 if TYPE_CHECKING:
     from dap_ray.data.pseudo_boxes import PseudoBoxes
 
@@ -43,6 +45,7 @@ class PretrainConfig:
         "help": "torchvision (built in), or detectron2 (if installed; writes a detectron2 checkpoint)"})
     num_workers: int = field(default=1, metadata={"help": "Ray Train workers (DDP processes)"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker, bf16 autocast"})
+    device: Literal["auto", "cuda", "cpu"] = field(default="auto", metadata={"help": DEVICE_HELP})
     cpus_per_worker: int | None = field(default=None, metadata={
         "help": "CPUs reserved per worker (default: CPU runs share this node's CPUs among the workers; GPU runs "
                 "take one plus one per loader process, to decode with)"})
@@ -75,6 +78,7 @@ class PretrainConfig:
     seed: int = field(default=0, metadata={"help": "initialisation and data-order seed"})
 
     def __post_init__(self) -> None:
+        check_device(self.device, self.use_gpu, "--use-gpu")
         for name in ("num_workers", "batch_size", "max_iters", "checkpoint_every", "max_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -28,6 +28,7 @@ import torch
 
 from dap_ray.data.pseudo_boxes import PseudoBoxDataset
 from dap_ray.models.detectron2_names import torchvision_to_detectron2
+from dap_ray.steps.ray_setup import computes_on_gpu
 
 __all__ = ["INSTALL_HINT", "Detectron2Samples", "build_detectron2_model", "detectron2_architecture",
            "require_detectron2", "train_detectron2"]
@@ -143,7 +144,7 @@ def _detectron2_config(cfg, num_classes: int, output: Path, weights_file: str | 
     from dap_ray.models.training import step_iterations
 
     d2 = detectron2_architecture(cfg.detector, cfg.backbone, num_classes, trainable_layers=cfg.trainable_layers,
-                                 device="cuda" if cfg.use_gpu else "cpu")
+                                 device="cuda" if computes_on_gpu(cfg.use_gpu, cfg.device) else "cpu")
     d2.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = cfg.roi_batch_size_per_image
     d2.MODEL.WEIGHTS = weights_file or ""
     d2.INPUT.MIN_SIZE_TRAIN = tuple(cfg.min_sizes)
@@ -206,7 +207,8 @@ def _train_loop(loop_config: dict) -> None:
         sampler = AspectBatchSampler(pseudo.sizes, cfg.batch_size, cfg.min_sizes, rank=rank, world=world,
                                      seed=cfg.seed, start=start, flip=cfg.flip)
         return torch.utils.data.DataLoader(samples, batch_sampler=sampler, collate_fn=list,
-                                           num_workers=cfg.loader_workers, pin_memory=cfg.use_gpu)
+                                           num_workers=cfg.loader_workers,
+                                           pin_memory=computes_on_gpu(cfg.use_gpu, cfg.device))
 
     class Trainer(DefaultTrainer):
         @classmethod
@@ -288,7 +290,7 @@ def train_detectron2(cfg, pseudo, classes: list[str], output: Path) -> dict:
         {"config": config_to_dict(cfg), "classes": classes, "output": str(output), "weights_file": weights_file,
          "box_cache": pseudo.folder},
         name="pretrain_detectron2", storage=run_storage(cfg.storage_path, output),
-        num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+        num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, device=cfg.device,
         cpus=cpus_per_worker(cfg.cpus_per_worker, cfg.use_gpu, cfg.num_workers, cfg.loader_workers),
         max_failures=cfg.max_failures,
         state_file=None)

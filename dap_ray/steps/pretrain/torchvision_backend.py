@@ -32,10 +32,12 @@ from dap_ray.models.training import detector_optimizer, lr_factor, step_iteratio
 from dap_ray.steps.detector_loop import STATE_FILE, restore, train_iterations
 from dap_ray.steps.pretrain.config import PretrainConfig
 from dap_ray.steps.ray_setup import (
+    computes_on_gpu,
     cpus_per_worker,
     fit_torch_trainer,
     init_ray,
     run_storage,
+    train_device,
     train_worker_rank,
 )
 
@@ -62,7 +64,7 @@ def training_loader(cfg: PretrainConfig, pseudo: PseudoBoxes, rank: int = 0, wor
                                  start=start, flip=cfg.flip)
     return torch.utils.data.DataLoader(training_dataset(cfg, pseudo), batch_sampler=sampler,
                                        collate_fn=collate_detection, num_workers=cfg.loader_workers,
-                                       persistent_workers=cfg.loader_workers > 0, pin_memory=cfg.use_gpu)
+                                       persistent_workers=cfg.loader_workers > 0, pin_memory=computes_on_gpu(cfg.use_gpu, cfg.device))
 
 
 def training_dataset(cfg: PretrainConfig, pseudo: PseudoBoxes) -> PseudoBoxDataset:
@@ -86,11 +88,11 @@ def _train_loop(loop_config: dict) -> None:
 
     cfg = PretrainConfig(**loop_config["config"])
     rank, world = train_worker_rank(cfg.use_gpu, cfg.cpus_per_worker)
-    device = ray.train.torch.get_device()
+    device = train_device(cfg.use_gpu, cfg.device)
 
     pseudo = open_box_cache(loop_config["box_cache"], cfg.max_boxes_per_image)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = ray.train.torch.prepare_model(detector_for(cfg, loop_config["num_classes"]))
+    model = ray.train.torch.prepare_model(detector_for(cfg, loop_config["num_classes"]), move_to_device=device)
     optimizer, scheduler = make_optimizer(cfg, model)
     start, state = restore(model, optimizer, scheduler, rank=rank, seed=cfg.seed, max_iters=cfg.max_iters)
     batches = iter(training_loader(cfg, pseudo, rank, world, start))
@@ -113,7 +115,7 @@ def train_torchvision(cfg: PretrainConfig, pseudo: PseudoBoxes, classes: list[st
     state = fit_torch_trainer(
         _train_loop, {"config": config_to_dict(resolved), "num_classes": num_classes, "box_cache": pseudo.folder},
         name="pretrain", storage=run_storage(cfg.storage_path, output),
-        num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, cpus=resolved.cpus_per_worker,
+        num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, device=cfg.device, cpus=resolved.cpus_per_worker,
         max_failures=cfg.max_failures, state_file=STATE_FILE)
     torch.save(state["model"], output / "detector_final.pt")
     history = state["history"]
