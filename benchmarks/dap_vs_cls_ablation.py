@@ -29,31 +29,6 @@ LABELS = {"cls": "CLS (the classifier's trunk)", "dap100": "DAP, 100 pre-trainin
           "trunk": "the dap100 run's trunk alone (FPN/RPN/heads random)"}
 
 
-def true_boxes_run(sample: Path, output: Path) -> Path:
-    """A mining run's layout holding the sample's true boxes instead of mined ones."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import yaml
-
-    from dap_ray.evaluation.localisation import load_coco_boxes
-    from dap_ray.localisation.stages import BOXES_SCHEMA
-
-    boxes = output / "true_boxes" / "boxes"
-    if not (boxes / "part-0.parquet").is_file():
-        truth, sizes = load_coco_boxes(sample / "gt_boxes.json")
-        classes = (sample / "classes.txt").read_text().split()
-        ids = sorted(truth)
-        boxes.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table({
-            "image_id": ids, "label": [classes.index(i.split("/")[0]) for i in ids],
-            "width": [sizes[i][0] for i in ids], "height": [sizes[i][1] for i in ids],
-            "boxes": [truth[i].tolist() for i in ids], "scores": [[1.0] * len(truth[i]) for i in ids]},
-            schema=BOXES_SCHEMA), boxes / "part-0.parquet")
-        (boxes.parent / "config.yaml").write_text(yaml.safe_dump(
-            {"input": str(sample / "images"), "format": "folder", "class_map": str(sample / "classes.txt")}))
-    return boxes
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="ablation")
@@ -66,9 +41,9 @@ def main() -> None:
         SAMPLE_FINETUNE,
         pretrain_defaults,
         sample_classifier,
-        sample_dataset,
         sample_downstream,
         sample_pretrained_detector,
+        sample_true_boxes,
     )
     from dap_ray.steps.finetune import FinetuneConfig, finetune
     from dap_ray.steps.pretrain import PretrainConfig, pretrain
@@ -92,7 +67,7 @@ def main() -> None:
             run = output / "pretrained_on_true_boxes"
             if not (run / "meta.json").is_file():
                 cfg = pretrain_defaults(PretrainConfig(output=str(run)))
-                pretrain(dataclasses.replace(cfg, boxes=str(true_boxes_run(sample_dataset(), output))))
+                pretrain(dataclasses.replace(cfg, boxes=str(sample_true_boxes())))
             inits[variant] = f"dap:{run}"
         else:
             state = torch.load(sample_pretrained_detector() / "detector_final.pt", weights_only=True)

@@ -5,6 +5,12 @@ at K = 5, 10, 20 images per class and all images, three seeds each, the same ite
     python jobs/reproduce.py                 # the default grid (under an hour on 2 CPU cores)
     python jobs/reproduce.py --quick         # K = 5 and all, one seed
     python jobs/reproduce.py --shots 5 10 --iterations 40 60 --seeds 0 1 2 3 4
+    python jobs/reproduce.py --tuned --shots 5 10  # the tuned loop, five seeds (hours on 2 CPU cores)
+
+--tuned: the box setting searched on held-out true boxes -> mining with it -> a pre-training
+on those boxes -> a k-shot schedule searched per K and per initialisation (CLS and DAP each
+get their own) -> the test split once per seed; OUTPUT/tuned/results.md puts its table beside
+the preset grid's when OUTPUT/results.json holds one. jobs/gain_study.py builds on it.
 
 Writes OUTPUT/results.json, results.md (AP and AP50, mean +- std, DAP minus CLS),
 ap_vs_shots.png, learning_curves.png and each run under OUTPUT/<init>_<shots>/. Every stage is

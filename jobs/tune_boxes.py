@@ -4,12 +4,18 @@ size rule) against true boxes, the CAMs computed once and cached.
     python jobs/tune_boxes.py                    # the built-in sample's true boxes and classifier
     python jobs/tune_boxes.py --gt-boxes imagenet_val_boxes.json --images /data/imagenet/val \\
         --classifier resnet50 --weights resnet50.pth --class-map LOC_synset_mapping.txt --limit 5000
+    python jobs/tune_boxes.py --search grid --threshold-sets 0.2,0.3,0.4,0.5 0.3,0.4,0.5,0.6 --nms-ious 0.7 0.8
 
-The objective is AP50 of the scored pseudo boxes, per class, COCO-style (more boxes cannot
-game it); CorLoc, any-hit, mean best IoU and boxes per image are reported beside it, and the
-paper's defaults are always one of the trials. Writes OUTPUT/results.csv, results.parquet,
-results.md (best first), best.yaml (for jobs/mine.py --config), sweep.png, summary.json and
-config.yaml. The same command again resumes an interrupted sweep, keeping finished trials.
+By default Optuna's TPE searches the threshold set (start, step, count), the NMS IoU, the preset
+and the size rule, the paper's setting first; when the best sits on a range's edge, another
+round searches the range grown past it (or the output says why not). Half the labelled images
+(--report-fraction) are held out: the search selects on the rest, and the best and the
+paper's setting are scored on the held-out half once. The objective is AP50 of the scored
+pseudo boxes, per class, COCO-style (more boxes cannot game it); CorLoc, any-hit, mean best
+IoU and boxes per image are reported beside it. Writes OUTPUT/results.csv, results.parquet,
+results.md (best first, the held-out figures, each round's ranges and edges), best.yaml (for
+jobs/mine.py --config), sweep.png, summary.json and config.yaml. The same command again
+resumes an interrupted sweep, keeping finished trials.
 """
 
 import sys

@@ -1,10 +1,12 @@
 """Ray Tune around Step 4: for each K, search the fine-tuning iterations and learning rate on a
 validation split carved from the training images the k-shot draw left out (never the test
-split), ASHA stopping weak trials early.
+split), ASHA stopping weak trials early. By default Optuna's TPE searches both on log scales
+(--iterations-range, --lr-range), with another round over a range grown past an edge the best
+sits on; --search grid tries every pair of --iterations and --lrs.
 
     python jobs/tune_finetune.py                 # the built-in downstream sample, from the sample's DAP run
     python jobs/tune_finetune.py --format voc --train VOCdevkit --train-splits 2007:trainval 2012:trainval \\
-        --init dap:pretrain_run --shots 5 10 20 --iterations 500 1000 2000 --lrs 0.005 0.01 0.02 \\
+        --init dap:pretrain_run --shots 5 10 20 --iterations-range 500 4000 --lr-range 0.002 0.04 --samples 16 \\
         --workers-per-trial 4 --batch-size 4 --storage-path /shared/tune
 
 Writes OUTPUT/kshot_preset.yaml (the chosen iterations and lr per K; give it to

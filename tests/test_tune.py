@@ -139,7 +139,8 @@ def sweep_command(sample: Path, weights: Path, output: Path) -> list[str]:
             "--images", str(sample / "images"), "--classifier", "tests.factories:tiny_resnet", "--weights",
             str(weights), "--class-map", str(sample / "classes.txt"), "--scales", "32", "64", "--output", str(output),
             "--threshold-sets", "0.2,0.3,0.4,0.5", "0.3,0.5", "--nms-ious", "0.5", "0.8", "--presets", "official",
-            "--size-measures", "rectangle", "cells", "--max-concurrent-trials", "1"]
+            "--size-measures", "rectangle", "cells", "--max-concurrent-trials", "1", "--search", "grid",
+            "--report-fraction", "0"]
 
 
 def finished_trials(output: Path) -> dict[str, float]:
@@ -203,7 +204,8 @@ def test_the_k_shot_sweep_writes_a_preset_that_finetune_reads(ray_session, tmp_p
     cfg = TuneFinetuneConfig(train=str(data / "coco" / "train.json"), train_images=str(data / "images"),
                              init="scratch", backbone="tests.factories:tiny_resnet", output=str(tmp_path / "sweep"),
                              shots=(2,), iterations=(2, 4), lrs=(0.01,), val_images=4, evals_per_trial=2, min_sizes=(48,),
-                             max_size=96, roi_batch_size_per_image=16, test_proposals=50, max_concurrent_trials=1)
+                             max_size=96, roi_batch_size_per_image=16, test_proposals=50, max_concurrent_trials=1,
+                             search="grid")
     summary = tune_finetune(cfg)
     assert len(summary["trials"]) == 2 and set(summary["shots"]) == {2}
     chosen = summary["shots"][2]
@@ -225,3 +227,55 @@ def test_the_concurrency_limit_reaches_the_grid_generator():
     config = grid_tune_config(2, seed=3)
     assert config.max_concurrent_trials is None and config.search_alg.max_concurrent == 2
     assert (config.metric, config.mode) == ("AP50", "max")
+
+
+def test_the_box_search_tries_the_papers_setting_first_and_reports_on_held_out_images(ray_session, sweep_inputs,
+                                                                                      tmp_path):
+    from dap_ray.steps.tune import TuneBoxesConfig, tune_boxes
+
+    sample, weights = sweep_inputs
+    cfg = TuneBoxesConfig(gt_boxes=str(sample / "gt_boxes.json"), images=str(sample / "images"),
+                          classifier="tests.factories:tiny_resnet", weights=str(weights),
+                          class_map=str(sample / "classes.txt"), scales=(32, 64), output=str(tmp_path / "search"),
+                          samples=3, extend_rounds=1, max_concurrent_trials=1, threshold_count_range=(3, 4))
+    summary = tune_boxes(cfg)
+    assert summary["search"] == "optuna" and summary["default"]["thresholds"] == "0.2,0.3,0.4,0.5"
+    # Selected on 6 images, reported on the other 6, both written.
+    assert summary["best"]["images"] == 6 and summary["report"]["best"]["images"] == 6
+    assert summary["report_gain_AP50"] == pytest.approx(summary["report"]["best"]["AP50"]
+                                                        - summary["report"]["default"]["AP50"])
+    rounds = summary["rounds"]
+    assert rounds[0]["trials"] == 3 and summary["scored"] == sum(r["trials"] for r in rounds)
+    for before, after in zip(rounds, rounds[1:]):  # a further round only over grown ranges
+        assert any(hit["growable"] for hit in before["edges"])
+        assert all(after["ranges"][n][0] <= low and high <= after["ranges"][n][1]
+                   for n, (low, high) in before["ranges"].items()) and after["ranges"] != before["ranges"]
+    assert all(hit["action"] for hit in summary["edges"])
+    text = (tmp_path / "search" / "results.md").read_text()
+    assert "Held out of the search (6 images" in text and "Round 1: 3 trials" in text
+    best = yaml.safe_load((tmp_path / "search" / "best.yaml").read_text())
+    assert set(best) == {"thresholds", "nms_iou", "preset", "size_measure"} and 1 <= len(best["thresholds"]) <= 8
+
+
+def test_the_k_shot_search_grows_a_range_its_best_sits_on(ray_session, tmp_path):
+    from dap_ray.data.downstream_sample import DownstreamSampleConfig, make_downstream_sample
+    from dap_ray.steps.tune import TuneFinetuneConfig, tune_finetune
+
+    data = make_downstream_sample(tmp_path / "data", DownstreamSampleConfig(num_train=20, num_test=2, num_classes=2,
+                                                                           image_size=64))
+    cfg = TuneFinetuneConfig(train=str(data / "coco" / "train.json"), train_images=str(data / "images"),
+                             init="scratch", backbone="tests.factories:tiny_resnet", output=str(tmp_path / "sweep"),
+                             shots=(2,), iterations_range=(2, 3), lr_range=(0.005, 0.02), samples=2, extend_rounds=1,
+                             val_images=4, evals_per_trial=1, min_sizes=(48,), max_size=96,
+                             roi_batch_size_per_image=16, test_proposals=50, max_concurrent_trials=1)
+    summary = tune_finetune(cfg)
+    rounds = summary["rounds"][2]
+    # Any best of [2, 3] sits on an edge, and both can grow (to [1, 3] or [2, 5]; the hard limits are 1 and 12).
+    first = rounds[0]
+    assert first["ranges"]["max_iters"] == [2, 3] and any(h["name"] == "max_iters" for h in first["edges"])
+    assert len(rounds) == 2 and rounds[1]["trials"] == 1 and len(summary["trials"]) == 3
+    assert rounds[1]["ranges"]["max_iters"] != [2, 3]
+    chosen = summary["shots"][2]
+    preset = yaml.safe_load((tmp_path / "sweep" / "kshot_preset.yaml").read_text())
+    assert preset["shots"][2] == {"max_iters": chosen["max_iters"], "lr": chosen["lr"]}
+    assert 0.005 / 20 <= chosen["lr"] <= 0.2 and "round 2" in (tmp_path / "sweep" / "results.md").read_text()

@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # the step modules import torch: the mining job's driver neve
 
 __all__ = ["SAMPLE_FINETUNE", "SAMPLE_MIN_SIZES", "SAMPLE_PRETRAIN", "SAMPLE_SCALES", "finetune_defaults",
            "mine_defaults", "pretrain_defaults", "tune_boxes_defaults", "tune_finetune_defaults", "sample_cache", "sample_classifier", "sample_dataset",
-           "sample_downstream", "sample_pretrained_detector", "sample_pseudo_boxes"]
+           "sample_downstream", "sample_pretrain_settings", "sample_true_boxes", "sample_pretrained_detector", "sample_pseudo_boxes"]
 
 # The sample's 128 px images and 96 px training crops stand to (96, 192) as ImageNet's
 # ~400 px images and 224 px crops stand to the paper's (288, 576).
@@ -103,18 +103,26 @@ def pretrain_defaults(cfg: PretrainConfig, cache: str | Path | None = None) -> P
     Options the user left at the paper's defaults become a small run that takes minutes
     on 2 CPU cores (:data:`SAMPLE_PRETRAIN`); options the user set are kept.
     """
-    from dap_ray.steps.pretrain.config import PretrainConfig
-
     if cfg.boxes is not None:
         return cfg
-    mined, run = sample_pseudo_boxes(cache), sample_classifier(cache)
+    mined = sample_pseudo_boxes(cache)
+    print(f"pre-training on the built-in sample's pseudo boxes ({mined / 'boxes'})", flush=True)
+    return sample_pretrain_settings(dataclasses.replace(cfg, boxes=str(mined / "boxes")), cache)
+
+
+def sample_pretrain_settings(cfg: PretrainConfig, cache: str | Path | None = None) -> PretrainConfig:
+    """``cfg`` (boxes mined from the sample, by any box setting) as a small run on the sample: the
+    options left at the paper's defaults become :data:`SAMPLE_PRETRAIN`'s, the backbone the
+    sample classifier's trunk unless set."""
+    from dap_ray.steps.pretrain.config import PretrainConfig
+
+    run = sample_classifier(cache)
     meta = json.loads((run / "meta.json").read_text())
     defaults = PretrainConfig()
     small = {k: v for k, v in SAMPLE_PRETRAIN.items() if getattr(cfg, k) == getattr(defaults, k)}
     if cfg.backbone == defaults.backbone and cfg.backbone_weights is None:
         small.update(backbone=meta["arch"], backbone_weights=str(run / "classifier.pt"))
-    print(f"pre-training on the built-in sample's pseudo boxes ({mined / 'boxes'})", flush=True)
-    return dataclasses.replace(cfg, boxes=str(mined / "boxes"), **small)
+    return dataclasses.replace(cfg, **small)
 
 
 def sample_pretrained_detector(cache: str | Path | None = None, **overrides) -> Path:
@@ -128,6 +136,35 @@ def sample_pretrained_detector(cache: str | Path | None = None, **overrides) -> 
         print(f"first run: pre-training a detector on the sample's pseudo boxes into {run} (minutes)", flush=True)
         pretrain(pretrain_defaults(PretrainConfig(output=str(run), **overrides), cache))
     return run
+
+
+def sample_true_boxes(cache: str | Path | None = None) -> Path:
+    """The sample's true boxes laid out as a mining run's ``boxes/`` folder (every box scored 1), for
+    a pre-training on them: the ceiling pseudo boxes can reach. Written on first use."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    from dap_ray.evaluation.localisation import load_coco_boxes
+    from dap_ray.localisation.stages import BOXES_SCHEMA
+
+    sample = sample_dataset(cache)
+    boxes = sample_cache(cache) / "true_boxes" / "boxes"
+    if not (boxes / "part-0.parquet").is_file():
+        truth, sizes = load_coco_boxes(sample / "gt_boxes.json")
+        classes = (sample / "classes.txt").read_text().split()
+        ids = sorted(truth)  # the sample's image ids are CLASS/FILE
+        boxes.mkdir(parents=True, exist_ok=True)
+        partial = boxes / ".part-0.parquet.partial"
+        pq.write_table(pa.table({
+            "image_id": ids, "label": [classes.index(i.split("/")[0]) for i in ids],
+            "width": [sizes[i][0] for i in ids], "height": [sizes[i][1] for i in ids],
+            "boxes": [truth[i].tolist() for i in ids], "scores": [[1.0] * len(truth[i]) for i in ids]},
+            schema=BOXES_SCHEMA), partial)
+        partial.replace(boxes / "part-0.parquet")
+        (boxes.parent / "config.yaml").write_text(yaml.safe_dump(
+            {"input": str(sample / "images"), "format": "folder", "class_map": str(sample / "classes.txt")}))
+    return boxes
 
 
 def sample_downstream(cache: str | Path | None = None) -> Path:

@@ -4,18 +4,22 @@ k-shot fine-tuning iterations and learning rate.
 :func:`tune_boxes` computes the CAMs of a labelled set once (the built-in sample's true
 boxes by default, or a COCO file of the user's own boxes, e.g. ImageNet's validation
 boxes) and caches them on disk (:class:`dap_ray.localisation.sweep.CamCache`), then runs one
-Tune trial per setting on a grid over the threshold set, the NMS IoU, the preset and the
-component-size rule; each trial draws boxes from the cached CAMs and scores them
-(:func:`dap_ray.localisation.sweep.score_box_config`: AP50 per class, COCO-style, beside
-CorLoc and friends). The current defaults are always one of the trials. An interrupted
-sweep resumes with the same command (``Tuner.restore``), keeping the finished trials.
+Tune trial per setting: searched by Optuna's TPE over ranges of the threshold set (start, step,
+count) and the NMS IoU and over the presets and component-size rules, in rounds whose ranges
+grow past an edge the best sits on (:mod:`dap_ray.search`), or on a grid. Each trial draws
+boxes from the cached CAMs and scores them (:func:`dap_ray.localisation.sweep.score_box_config`:
+AP50 per class, COCO-style, beside CorLoc and friends) on the tuning split; the best and the
+paper's setting (always a trial) are scored once on the held-out split at the end. An
+interrupted sweep resumes with the same command (``Tuner.restore``), round by round, keeping
+the finished trials.
 
 Outputs in ``OUTPUT``: ``results.csv`` and ``results.parquet`` (one row per trial, best
 first), ``results.md``, ``best.yaml`` (the best setting, which ``jobs/mine.py --config``
 takes as it is), ``sweep.png`` (AP50 against NMS IoU, one line per threshold set) and
 ``config.yaml``; the CAMs in ``OUTPUT/cams.npz``.
 
-:func:`tune_finetune` runs one sweep per K over the schedule length and learning rate:
+:func:`tune_finetune` runs one sweep per K over the schedule length and learning rate (Optuna's
+TPE on log scales in rounds, or a grid):
 each trial is a Step 4 fine-tune (in the trial's process, or on Ray Train inside the trial)
 of the K-shot draw, validated every few iterations on training images the draw left out
 (never the test split), with ASHA stopping the weak trials early. It writes the chosen
@@ -34,6 +38,8 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
+
+from dap_ray.search import describe_edge, edges_hit, extend
 
 __all__ = ["DEFAULT_THRESHOLD_SETS", "TuneBoxesConfig", "TuneFinetuneConfig", "grid_tune_config", "tune_boxes",
            "tune_finetune"]
@@ -62,12 +68,31 @@ class TuneBoxesConfig:
     scales: tuple[int, ...] = field(default=(288, 576), metadata={"help": "CAM short sides"})
     flip: bool = field(default=True, metadata={"help": "average with the mirrored image"})
     output: str = field(default="tune_boxes", metadata={"help": "output folder"})
+    search: Literal["optuna", "grid"] = field(default="optuna", metadata={
+        "help": "optuna: Optuna's TPE over the ranges below (the paper's setting is its first trial), ranges "
+                "grown for another round when the best sits on an edge; grid: every combination of "
+                "--threshold-sets and --nms-ious"})
+    samples: int = field(default=48, metadata={
+        "help": "optuna: trials in the first round (each further round: half as many)"})
+    threshold_start_range: tuple[float, float] = field(default=(0.1, 0.4), metadata={
+        "help": "optuna: the lowest threshold of the set, from and to"})
+    threshold_step_range: tuple[float, float] = field(default=(0.05, 0.15), metadata={
+        "help": "optuna: the step between thresholds, from and to"})
+    threshold_count_range: tuple[int, int] = field(default=(1, 6), metadata={
+        "help": "optuna: how many thresholds, from and to (thresholds at 0.99 or above are dropped)"})
+    nms_iou_range: tuple[float, float] = field(default=(0.5, 0.9), metadata={"help": "optuna: NMS IoU, from and to"})
+    extend_rounds: int = field(default=2, metadata={
+        "help": "optuna: further rounds, each over the ranges grown past the edges the best setting sits on"})
     threshold_sets: tuple[str, ...] = field(default=DEFAULT_THRESHOLD_SETS, metadata={
-        "help": "threshold sets to try, each comma-separated (the paper's 0.2,0.3,0.4,0.5 is always added)"})
-    nms_ious: tuple[float, ...] = field(default=(0.5, 0.6, 0.7, 0.8, 0.9), metadata={"help": "NMS IoUs to try"})
+        "help": "grid: threshold sets to try, each comma-separated (the paper's 0.2,0.3,0.4,0.5 is always added)"})
+    nms_ious: tuple[float, ...] = field(default=(0.5, 0.6, 0.7, 0.8, 0.9), metadata={"help": "grid: NMS IoUs to try"})
     presets: tuple[str, ...] = field(default=("official", "paper"), metadata={"help": "presets to try"})
     size_measures: tuple[str, ...] = field(default=("rectangle", "cells"), metadata={
         "help": "component-size rules to try (rectangle area, cell count)"})
+    report_fraction: float = field(default=0.5, metadata={
+        "help": "share of the labelled images held out of the search: the best and the paper's setting are "
+                "scored on them once at the end (0: select and report on the same images, optimistic)"})
+    seed: int = field(default=0, metadata={"help": "the tuning/report split and the searcher's seed"})
     limit: int | None = field(default=None, metadata={"help": "use at most this many labelled images"})
     batch_size: int = field(default=32, metadata={"help": "images per CAM batch"})
     max_concurrent_trials: int | None = field(default=None, metadata={
@@ -86,6 +111,24 @@ class TuneBoxesConfig:
             raise ValueError(f"nms_ious must lie in [0, 1], got {self.nms_ious}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be at least 1, got {self.limit}")
+        if not 0 <= self.report_fraction < 1:
+            raise ValueError(f"report_fraction lies in [0, 1), got {self.report_fraction}")
+        if self.samples < 1 or self.extend_rounds < 0:
+            raise ValueError(f"samples must be at least 1 and extend_rounds at least 0, got {self.samples}, "
+                             f"{self.extend_rounds}")
+        self.search_ranges()  # a bad range fails here, naming it
+
+    def search_ranges(self) -> list:
+        """The optuna search's ranges (:class:`dap_ray.search.SearchRange`), with the hard limits they may grow to."""
+        from dap_ray.search import SearchRange
+
+        for name in ("threshold_start_range", "threshold_step_range", "threshold_count_range", "nms_iou_range"):
+            if len(getattr(self, name)) != 2:
+                raise ValueError(f"{name} is two numbers, from and to; got {getattr(self, name)}")
+        return [SearchRange("threshold_start", *self.threshold_start_range, limit_low=0.01, limit_high=0.95),
+                SearchRange("threshold_step", *self.threshold_step_range, limit_low=0.01, limit_high=0.3),
+                SearchRange("threshold_count", *self.threshold_count_range, limit_low=1, limit_high=10, integer=True),
+                SearchRange("nms_iou", *self.nms_iou_range, limit_low=0.3, limit_high=1.0)]
 
     def grid(self) -> dict:
         """The search space, the paper's defaults always on it."""
@@ -151,12 +194,20 @@ def _box_trial(config: dict, cache, ground_truth: dict, category_ids: list) -> N
     """One Tune trial: boxes from the cached CAMs under ``config``, scored against the true boxes."""
     import ray.tune
 
-    from dap_ray.localisation.boxes import BoxConfig
     from dap_ray.localisation.sweep import score_box_config
 
-    box = BoxConfig.from_preset(config["preset"], scale=cache.scale, thresholds=_thresholds(config["thresholds"]),
-                                nms_iou=config["nms_iou"], size_measure=config["size_measure"])
+    box = _box_config({**config, "thresholds": _trial_thresholds(config)}, cache.scale)
     ray.tune.report(score_box_config(cache, cache.cams(), ground_truth, box, category_ids))
+
+
+def _trial_thresholds(config: dict) -> str:
+    """A trial's threshold set, comma-separated: the grid's as it is, the search's from its start, step and count."""
+    from dap_ray.search import threshold_set
+
+    if "thresholds" in config:
+        return config["thresholds"]
+    values = threshold_set(config["threshold_start"], config["threshold_step"], config["threshold_count"])
+    return ",".join(f"{v:g}" for v in values)
 
 
 def grid_tune_config(concurrent: int, seed: int, scheduler=None):
@@ -178,7 +229,7 @@ def grid_tune_config(concurrent: int, seed: int, scheduler=None):
 TRIAL_RETRIES = 3
 
 
-def _grid_tuner(experiment: Path, trainable, space: dict, tune_config):
+def _tuner(experiment: Path, trainable, space: dict, tune_config):
     """The sweep in ``experiment`` (a folder under the run's storage) resumed, finished trials kept
     and errored ones retried, or a new one over ``space``; a failed trial runs again up to
     :data:`TRIAL_RETRIES` times."""
@@ -201,7 +252,7 @@ def tune_boxes(cfg: TuneBoxesConfig) -> dict:
 
     from dap_ray.config import config_to_dict, save_config
     from dap_ray.localisation.cam import CamExtractor
-    from dap_ray.localisation.sweep import CamCache, compute_cam_cache, fingerprint
+    from dap_ray.localisation.sweep import CamCache, compute_cam_cache, fingerprint, score_box_config
     from dap_ray.models.classifiers import load_classifier
     from dap_ray.runs import check_same_settings, open_run
     from dap_ray.steps.ray_setup import init_ray, run_storage
@@ -234,37 +285,171 @@ def tune_boxes(cfg: TuneBoxesConfig) -> dict:
         check_same_settings(output, config_to_dict(cfg), "a box sweep", except_keys=BOX_SWEEP_OPERATIONAL)
         save_config(cfg, output / "config.yaml")
 
+        tuning, report = _split_ground_truth(ground_truth, cfg.report_fraction, cfg.seed)
         init_ray()
-        grid = cfg.grid()
-        space = {name: ray.tune.grid_search(values) for name, values in grid.items()}
-        trials = math.prod(len(v) for v in grid.values())
         storage = run_storage(cfg.storage_path, output)
-        trainable = ray.tune.with_parameters(_box_trial, cache=cache, ground_truth=ground_truth,
-                                             category_ids=category_ids)
+        trainable = ray.tune.with_parameters(_box_trial, cache=cache, ground_truth=tuning, category_ids=category_ids)
         concurrent = cfg.max_concurrent_trials or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        experiment = storage / "boxes"
-        tuner = _grid_tuner(experiment, trainable, space, grid_tune_config(concurrent, seed=0))
-        print(f"sweeping {trials} box settings over {len(cache)} images, {concurrent} trials at a time", flush=True)
-        results = tuner.fit()
-        rows = []
-        for result in results:
-            if result.error is not None:
-                print(f"warning: a trial failed: {str(result.error).splitlines()[0]}", flush=True)
-                continue
-            metrics = result.metrics or {}
-            rows.append({**{k: result.config[k] for k in grid},
-                         **{k: metrics.get(k) for k in ("AP50", "AP", "VOC_AP50", "corloc", "any_hit",
-                                                        "mean_best_iou", "boxes_per_image", "images")}})
+        print(f"{len(tuning['images'])} images to select on, {len(report['images'])} held out to report on",
+              flush=True)
+        if cfg.search == "grid":
+            rows, errors, trials = _box_grid(cfg, trainable, storage / "boxes", concurrent)
+            rounds: list[dict] = []
+        else:
+            rows, errors, trials, rounds = _box_search(cfg, trainable, storage, concurrent)
+        reported = None
+        if report["images"]:
+            cams = cache.cams()
+            best = max(rows, key=_ap50)
+            default = next((r for r in rows if _is_default(r)), PAPER_DEFAULT)
+            reported = {name: score_box_config(cache, cams, report, _box_config(row, cache.scale), category_ids)
+                        for name, row in (("best", best), ("default", default))}
+        return _write_outputs(cfg, output, rows, errors, trials, reported=reported, rounds=rounds)
+
+
+def _ap50(row: dict) -> float:
+    value = row.get("AP50")
+    return -1.0 if value is None or math.isnan(value) else value
+
+
+def _split_ground_truth(ground_truth: dict, report_fraction: float, seed: int) -> tuple[dict, dict]:
+    """(tuning, report): the COCO dict's images shuffled with ``seed`` and cut, ``report_fraction``
+    of them to report on; each with its own annotations. The report part is empty at fraction 0."""
+    import numpy as np
+
+    images = sorted(ground_truth["images"], key=lambda image: image["id"])
+    order = np.random.default_rng(seed).permutation(len(images))
+    held = round(len(images) * report_fraction)
+    if report_fraction > 0 and not 1 <= held < len(images):
+        raise ValueError(f"{len(images)} labelled images cannot be split with report_fraction {report_fraction}: "
+                         "each part needs at least one")
+    report_ids = {images[i]["id"] for i in order[:held]}
+
+    def part(keep) -> dict:
+        return {**ground_truth, "images": [i for i in images if keep(i["id"])],
+                "annotations": [a for a in ground_truth["annotations"] if keep(a["image_id"])]}
+
+    return part(lambda i: i not in report_ids), part(lambda i: i in report_ids)
+
+
+def _box_config(row: dict, scale: int):
+    """The :class:`BoxConfig` of a sweep row (or setting): its threshold set, NMS IoU, preset, size rule."""
+    from dap_ray.localisation.boxes import BoxConfig
+
+    return BoxConfig.from_preset(row["preset"], scale=scale, thresholds=_thresholds(row["thresholds"]),
+                                 nms_iou=row["nms_iou"], size_measure=row["size_measure"])
+
+
+_METRICS = ("AP50", "AP", "VOC_AP50", "corloc", "any_hit", "mean_best_iou", "boxes_per_image", "images")
+
+
+def _box_rows(results, keys) -> tuple[list[dict], int]:
+    """One row per trial that reported (the setting's ``keys`` and its metrics), and how many failed."""
+    rows = []
+    for result in results:
+        if result.error is not None:
+            print(f"warning: a trial failed: {str(result.error).splitlines()[0]}", flush=True)
+            continue
+        metrics = result.metrics or {}
+        rows.append({**{k: result.config[k] for k in keys}, "thresholds": _trial_thresholds(result.config),
+                     **{k: metrics.get(k) for k in _METRICS}})
+    return rows, results.num_errors
+
+
+def _box_grid(cfg: TuneBoxesConfig, trainable, experiment: Path, concurrent: int) -> tuple[list[dict], int, int]:
+    import ray.tune
+
+    grid = cfg.grid()
+    space = {name: ray.tune.grid_search(values) for name, values in grid.items()}
+    trials = math.prod(len(v) for v in grid.values())
+    tuner = _tuner(experiment, trainable, space, grid_tune_config(concurrent, seed=0))
+    print(f"sweeping a grid of {trials} box settings, {concurrent} trials at a time", flush=True)
+    rows, errors = _box_rows(tuner.fit(), grid)
+    if not rows:
+        raise RuntimeError(f"every trial of the sweep failed; see the logs under {experiment}")
+    return rows, errors, trials
+
+
+def _box_search(cfg: TuneBoxesConfig, trainable, storage: Path, concurrent: int):
+    """Optuna's TPE over the threshold set (start, step, count), NMS IoU, preset and size rule,
+    the paper's setting first; then up to ``cfg.extend_rounds`` rounds over ranges grown past the
+    edges the best setting sits on, each told every earlier trial's result. Returns the rows,
+    failed trials, trials run and one record per round (its ranges, best AP50, edges hit and
+    what was done about each)."""
+
+    ranges = cfg.search_ranges()
+    choices = {"preset": list(dict.fromkeys(["official", *cfg.presets])),
+               "size_measure": list(dict.fromkeys(["rectangle", *cfg.size_measures]))}
+    paper = {"threshold_start": 0.2, "threshold_step": 0.1, "threshold_count": 4,
+             **{k: PAPER_DEFAULT[k] for k in ("nms_iou", "preset", "size_measure")}}
+    keys = [r.name for r in ranges] + list(choices)
+    rows: list[dict] = []
+    rounds: list[dict] = []
+    errors = trials = 0
+    for number in range(cfg.extend_rounds + 1):
+        samples = cfg.samples if number == 0 else max(1, cfg.samples // 2)
+        first = [paper] if number == 0 and all(r.low <= paper[r.name] <= r.high for r in ranges) else []
+        experiment = storage / ("boxes" if number == 0 else f"boxes_round{number}")
+        print(f"round {number + 1}: {samples} settings searched by Optuna (TPE) over "
+              + ", ".join(f"{r.name} [{r.low:g}, {r.high:g}]" for r in ranges) + f", {concurrent} trials at a time",
+              flush=True)
+        tuner = _tuner(experiment, trainable, {}, _search_tune_config(
+            ranges, choices, "AP50", samples, concurrent, cfg.seed + number, first=first,
+            evaluated=[({k: row[k] for k in keys}, row["AP50"]) for row in rows if _ap50(row) >= 0]))
+        found, failed = _box_rows(tuner.fit(), keys)
+        for row in found:
+            row["round"] = number + 1
+        rows += found
+        errors += failed
+        trials += samples
         if not rows:
             raise RuntimeError(f"every trial of the sweep failed; see the logs under {experiment}")
-        return _write_outputs(cfg, output, rows, results.num_errors, trials)
+        best = max(rows, key=_ap50)
+        hits = edges_hit(ranges, best, rounds_left=cfg.extend_rounds - number)
+        rounds.append({"round": number + 1, "ranges": {r.name: [r.low, r.high] for r in ranges},
+                       "trials": samples, "best_AP50": best["AP50"], "edges": hits})
+        for hit in hits:
+            print(f"round {number + 1}: {describe_edge(hit)}", flush=True)
+        if not any(hit["growable"] for hit in hits):
+            break
+        ranges = extend(ranges, hits)
+    return rows, errors, trials, rounds
+
+
+def _search_tune_config(ranges, choices: dict, metric: str, samples: int, concurrent: int, seed: int,
+                        first: list[dict] = (), evaluated: list[tuple[dict, float]] = (), scheduler=None):
+    """A ``TuneConfig`` searching ``ranges`` and ``choices`` with Optuna's TPE (seeded), maximising
+    ``metric`` over ``samples`` trials, ``concurrent`` at a time; ``first`` are tried first,
+    ``evaluated`` (setting, result) are told to the sampler without running again."""
+    import optuna
+    import ray.tune
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    space: dict = {}
+    for r in ranges:
+        kind = optuna.distributions.IntDistribution if r.integer else optuna.distributions.FloatDistribution
+        space[r.name] = kind(int(r.low) if r.integer else r.low, int(r.high) if r.integer else r.high, log=r.log)
+    for name, values in choices.items():
+        space[name] = optuna.distributions.CategoricalDistribution(values)
+    points = [dict(p) for p, _ in evaluated] or list(first)
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(1, samples // 3)))
+    searcher = OptunaSearch(space=space, metric=metric, mode="max", sampler=sampler,
+                            points_to_evaluate=points or None,
+                            evaluated_rewards=[reward for _, reward in evaluated] or None)
+    return ray.tune.TuneConfig(metric=metric, mode="max", scheduler=scheduler, num_samples=samples,
+                               search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrent))
 
 
 def _is_default(row: dict) -> bool:
     return all(row[k] == v for k, v in PAPER_DEFAULT.items())
 
 
-def _write_outputs(cfg: TuneBoxesConfig, output: Path, rows: list[dict], errors: int, trials: int) -> dict:
+def _write_outputs(cfg: TuneBoxesConfig, output: Path, rows: list[dict], errors: int, trials: int,
+                   reported: dict | None = None, rounds: list[dict] = ()) -> dict:
+    """Write the sweep's table (best first, on the tuning split), ``best.yaml``, the plot and
+    ``summary.json``: with ``reported``, the best and the paper's setting scored on the held-out
+    split; with ``rounds``, the search's rounds and the range edges its best sits on."""
     import pyarrow as pa
     import pyarrow.csv
     import pyarrow.parquet as pq
@@ -290,26 +475,68 @@ def _write_outputs(cfg: TuneBoxesConfig, output: Path, rows: list[dict], errors:
              "| ---: | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     shown = rows[:20] + ([default] if default is not None and default["rank"] > 20 else [])
     for r in shown:
-        lines.append(f"| {r['rank']}{'*' if r['default'] else ''} | {r['thresholds']} | {r['nms_iou']} | {r['preset']} | "
-                     f"{r['size_measure']} | {r['AP50']:.2f} | {r['AP']:.2f} | {r['VOC_AP50']:.2f} | "
+        lines.append(f"| {r['rank']}{'*' if r['default'] else ''} | {r['thresholds']} | {r['nms_iou']:.3g} | "
+                     f"{r['preset']} | {r['size_measure']} | {r['AP50']:.2f} | {r['AP']:.2f} | {r['VOC_AP50']:.2f} | "
                      f"{r['corloc']:.3f} | {r['any_hit']:.3f} | {r['mean_best_iou']:.3f} | {r['boxes_per_image']:.2f} |")
+    if reported:
+        lines += ["", f"Held out of the search ({reported['best']['images']} images, disjoint from the "
+                  f"{best['images']} it selected on), scored once:", "",
+                  "| setting | AP50 | AP | CorLoc | any hit | best IoU | boxes/image |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for name, label in (("best", "the search's best"), ("default", "the paper's")):
+            r = reported[name]
+            lines.append(f"| {label} | {r['AP50']:.2f} | {r['AP']:.2f} | {r['corloc']:.3f} | {r['any_hit']:.3f} | "
+                         f"{r['mean_best_iou']:.3f} | {r['boxes_per_image']:.2f} |")
+    else:
+        lines += ["", "No images were held out (--report-fraction 0): the figures above are those the setting was "
+                  "selected on, so the best one's are optimistic."]
+    for record in rounds:
+        ranges = ", ".join(f"{name} [{low:g}, {high:g}]" for name, (low, high) in record["ranges"].items())
+        lines += ["", f"Round {record['round']}: {record['trials']} trials over {ranges}; best AP50 so far "
+                  f"{record['best_AP50']:.2f}."]
+        lines += [f"- {describe_edge(hit)}." for hit in record["edges"]]
+    if rounds and not rounds[-1]["edges"]:
+        lines.append("- the best setting lies inside every range.")
     (output / "results.md").write_text("\n".join(lines) + "\n")
     _plot(rows, best, output / "sweep.png")
     summary = {"best": best, "default": default, "trials": trials, "scored": len(rows), "errors": errors,
-               "gain_AP50": best["AP50"] - default["AP50"] if default else None}
+               "gain_AP50": best["AP50"] - default["AP50"] if default else None, "search": cfg.search,
+               "rounds": list(rounds), "edges": rounds[-1]["edges"] if rounds else [],
+               "report": reported, "report_gain_AP50": reported["best"]["AP50"] - reported["default"]["AP50"]
+               if reported else None}
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     print("\n".join(lines[:2 + 2 + min(10, len(shown))]), flush=True)
     print(f"best: {best_yaml} AP50 {best['AP50']:.2f}" + (f" (the default: {default['AP50']:.2f})" if default else "")
-          + f"; wrote {output / 'best.yaml'}", flush=True)
+          + f" on the images it was selected on; wrote {output / 'best.yaml'}", flush=True)
+    if reported:
+        print(f"held out ({reported['best']['images']} images): best AP50 {reported['best']['AP50']:.2f}, the "
+              f"paper's {reported['default']['AP50']:.2f}", flush=True)
     return summary
 
 
 def _plot(rows: list[dict], best: dict, path: Path) -> None:
-    """AP50 against NMS IoU, one line per threshold set, at the best preset and size rule."""
+    """AP50 against NMS IoU at the best preset and size rule: one line per threshold set for a grid,
+    one point per trial coloured by its lowest threshold for a search."""
     from dap_ray.evaluation.plots import pyplot, save_figure
 
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(6.5, 4))
+    if "round" in best:
+        points = [(r["nms_iou"], r["AP50"], _thresholds(r["thresholds"])[0]) for r in rows if _ap50(r) >= 0]
+        drawn = axis.scatter([p[0] for p in points], [p[1] for p in points], c=[p[2] for p in points], cmap="viridis",
+                             s=18)
+        figure.colorbar(drawn, ax=axis, label="lowest threshold")
+        axis.scatter([best["nms_iou"]], [best["AP50"]], marker="*", s=160, color="red", label="best")
+        default = next((r for r in rows if _is_default(r)), None)
+        if default is not None:
+            axis.scatter([default["nms_iou"]], [default["AP50"]], marker="s", s=60, facecolors="none",
+                         edgecolors="black", label="the paper's")
+        axis.set_xlabel("NMS IoU")
+        axis.set_ylabel("AP50 of the pseudo boxes (%)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+        save_figure(plt, figure, path, f"box search: {len(points)} trials (all presets and size rules)")
+        return
     chosen = [r for r in rows if r["preset"] == best["preset"] and r["size_measure"] == best["size_measure"]]
     for thresholds in sorted({r["thresholds"] for r in chosen}):
         points = sorted((r["nms_iou"], r["AP50"]) for r in chosen if r["thresholds"] == thresholds)
@@ -335,9 +562,20 @@ class TuneFinetuneConfig:
         "help": "dap:RUN_DIR, cls:FILE or scratch (default with the sample: its DAP pre-training)"})
     output: str = field(default="tune_finetune", metadata={"help": "output folder"})
     shots: tuple[int, ...] = field(default=(5, 10), metadata={"help": "the K to tune, one sweep each"})
+    search: Literal["optuna", "grid"] = field(default="optuna", metadata={
+        "help": "optuna: Optuna's TPE over --iterations-range and --lr-range (log scales), ranges grown for another "
+                "round when the best sits on an edge; grid: every pair of --iterations and --lrs"})
+    samples: int = field(default=8, metadata={"help": "optuna: trials per K in the first round (further rounds: half)"})
+    iterations_range: tuple[int, int] = field(default=(20, 160), metadata={
+        "help": "optuna: schedule lengths, from and to (each trial's lr steps scale with its own length; a range "
+                "may grow to 4x its upper end)"})
+    lr_range: tuple[float, float] = field(default=(0.001, 0.04), metadata={
+        "help": "optuna: learning rates, from and to"})
+    extend_rounds: int = field(default=1, metadata={
+        "help": "optuna: further rounds per K, each over the ranges grown past the edges the best sits on"})
     iterations: tuple[int, ...] = field(default=(20, 40, 80), metadata={
-        "help": "schedule lengths to try (each trial's lr steps scale with its own length)"})
-    lrs: tuple[float, ...] = field(default=(0.0025, 0.01), metadata={"help": "learning rates to try"})
+        "help": "grid: schedule lengths to try (each trial's lr steps scale with its own length)"})
+    lrs: tuple[float, ...] = field(default=(0.0025, 0.01), metadata={"help": "grid: learning rates to try"})
     val_images: int = field(default=60, metadata={
         "help": "validation images drawn from the training images the k-shot draw left out"})
     evals_per_trial: int = field(default=4, metadata={
@@ -367,9 +605,23 @@ class TuneFinetuneConfig:
             raise ValueError(f"shots must be positive, got {self.shots}")
         if not self.iterations or min(self.iterations) < 1 or not self.lrs or min(self.lrs) <= 0:
             raise ValueError("iterations must be positive numbers and lrs positive")
-        for name in ("val_images", "evals_per_trial", "batch_size"):
+        for name in ("val_images", "evals_per_trial", "batch_size", "samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.extend_rounds < 0:
+            raise ValueError(f"extend_rounds must be at least 0, got {self.extend_rounds}")
+        self.search_ranges()  # a bad range fails here, naming it
+
+    def search_ranges(self) -> list:
+        """The optuna search's ranges (:class:`dap_ray.search.SearchRange`), on log scales."""
+        from dap_ray.search import SearchRange
+
+        for name in ("iterations_range", "lr_range"):
+            if len(getattr(self, name)) != 2:
+                raise ValueError(f"{name} is two numbers, from and to; got {getattr(self, name)}")
+        low, high = self.iterations_range
+        return [SearchRange("max_iters", low, high, limit_low=1, limit_high=4 * high, log=True, integer=True),
+                SearchRange("lr", *self.lr_range, limit_low=1e-5, limit_high=0.2, log=True)]
 
     def finetune_config(self):
         """The :class:`dap_ray.steps.finetune.FinetuneConfig` every trial starts from."""
@@ -431,6 +683,68 @@ def _finetune_trial(config: dict, base: dict, train, val, seed: int, workers: in
                      eval_every=cfg.eval_every, evaluate=evaluate, report=ray.tune.report)
 
 
+def _kshot_sweep(cfg: TuneFinetuneConfig, k: int, trainable, storage: Path, concurrent: int, curves: dict):
+    """The sweeps of one K: a grid, or Optuna's rounds (a round over ranges grown past the edges
+    the best sits on, told every earlier trial's result). ASHA stops weak trials at shares of
+    their own schedules. Returns its rows, the best trial that ran to the end, and one record per
+    round; adds each trial's validation curve to ``curves``."""
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler
+
+
+    ranges = cfg.search_ranges()
+    rows: list[dict] = []
+    rounds: list[dict] = []
+    for number in range(1 if cfg.search == "grid" else cfg.extend_rounds + 1):
+        # Rungs at shares of each trial's own schedule: a short schedule has decayed its rate by
+        # its end, a long one has barely warmed up at the same iteration.
+        scheduler = ASHAScheduler(time_attr="progress", max_t=100, grace_period=max(1, 100 // cfg.evals_per_trial),
+                                  reduction_factor=2)
+        experiment = storage / (f"finetune_k{k}" if number == 0 else f"finetune_k{k}_round{number}")
+        if cfg.search == "grid":
+            samples = len(cfg.iterations) * len(cfg.lrs)
+            space = {"max_iters": ray.tune.grid_search(list(cfg.iterations)), "lr": ray.tune.grid_search(list(cfg.lrs))}
+            tune_config = grid_tune_config(concurrent, seed=cfg.seed, scheduler=scheduler)
+            print(f"K = {k}: a grid of {samples} schedules", flush=True)
+        else:
+            samples = cfg.samples if number == 0 else max(1, cfg.samples // 2)
+            space = {}
+            tune_config = _search_tune_config(
+                ranges, {}, "AP50", samples, concurrent, cfg.seed + number, scheduler=scheduler,
+                evaluated=[({"max_iters": r["max_iters"], "lr": r["lr"]}, r["val_AP50"]) for r in rows
+                           if r["val_AP50"] == r["val_AP50"]])
+            print(f"K = {k}, round {number + 1}: {samples} schedules searched by Optuna (TPE) over "
+                  + ", ".join(f"{r.name} [{r.low:g}, {r.high:g}]" for r in ranges), flush=True)
+        results = _tuner(experiment, trainable, space, tune_config).fit()
+        for result in results:
+            if result.error is not None:
+                print(f"warning: K = {k}: a trial failed: {str(result.error).splitlines()[0]}", flush=True)
+                continue
+            history = result.metrics_dataframe
+            points = [] if history is None or "AP50" not in history else [
+                (int(i), float(a)) for i, a in zip(history["iteration"], history["AP50"]) if a == a]
+            curves[f"K={k} {result.config['max_iters']} it, lr {result.config['lr']:.3g}"] = points
+            last = points[-1] if points else (0, float("nan"))
+            rows.append({"shots": k, "max_iters": result.config["max_iters"], "lr": result.config["lr"],
+                         "iterations_run": last[0], "val_AP50": last[1],
+                         "stopped_early": last[0] < result.config["max_iters"], "round": number + 1})
+        finished = [r for r in rows if not r["stopped_early"] and r["val_AP50"] == r["val_AP50"]]
+        if not finished:
+            raise RuntimeError(f"no trial of K = {k} finished; see the logs under {experiment}")
+        best = max(finished, key=lambda r: (r["val_AP50"], -r["max_iters"]))
+        if cfg.search == "grid":
+            break
+        hits = edges_hit(ranges, best, rounds_left=cfg.extend_rounds - number)
+        for hit in hits:
+            print(f"K = {k}, round {number + 1}: {describe_edge(hit)}", flush=True)
+        rounds.append({"round": number + 1, "ranges": {r.name: [r.low, r.high] for r in ranges}, "trials": samples,
+                       "best_val_AP50": best["val_AP50"], "edges": hits})
+        if not any(hit["growable"] for hit in hits):
+            break
+        ranges = extend(ranges, hits)
+    return rows, best, rounds
+
+
 def tune_finetune(cfg: TuneFinetuneConfig) -> dict:
     """One sweep per K (resuming any that was interrupted); write the results and the chosen
     iterations and lr per K as ``kshot_preset.yaml`` (``jobs/finetune.py --kshot-table``)."""
@@ -439,7 +753,6 @@ def tune_finetune(cfg: TuneFinetuneConfig) -> dict:
     import pyarrow.csv
     import ray
     import ray.tune
-    from ray.tune.schedulers import ASHAScheduler
 
     from dap_ray.config import config_to_dict, save_config
     from dap_ray.data.fewshot import sample_k_shot
@@ -454,7 +767,7 @@ def tune_finetune(cfg: TuneFinetuneConfig) -> dict:
     base = resolve_architecture(cfg.finetune_config())
     cfg = dataclasses.replace(cfg, init=base.init, detector=base.detector, backbone=base.backbone)
     train_all = load_split(base, "train")
-    rows, table, curves = [], {}, {}
+    rows, table, curves, rounds = [], {}, {}, {}
     with open_run(Path(cfg.output).resolve()) as output:
         check_same_settings(output, config_to_dict(cfg), "a k-shot sweep", except_keys=FINETUNE_SWEEP_OPERATIONAL)
         save_config(cfg, output / "config.yaml")
@@ -485,37 +798,8 @@ def tune_finetune(cfg: TuneFinetuneConfig) -> dict:
                                                  evals=cfg.evals_per_trial)
             if cfg.workers_per_trial:
                 trainable = ray.tune.with_resources(trainable, {"cpu": 0.01})
-            experiment = storage / f"finetune_k{k}"
-            print(f"K = {k}: {len(train)} training images, {len(val)} validation images, "
-                  f"{len(cfg.iterations) * len(cfg.lrs)} trials", flush=True)
-            space = {"max_iters": ray.tune.grid_search(list(cfg.iterations)),
-                     "lr": ray.tune.grid_search(list(cfg.lrs))}
-            # Rungs at shares of each trial's own schedule: a short schedule has decayed its rate by
-            # its end, a long one has barely warmed up at the same iteration.
-            scheduler = ASHAScheduler(time_attr="progress", max_t=100,
-                                      grace_period=max(1, 100 // cfg.evals_per_trial), reduction_factor=2)
-            tuner = _grid_tuner(experiment, trainable, space,
-                                grid_tune_config(concurrent, seed=cfg.seed, scheduler=scheduler))
-            results = tuner.fit()
-            scored = []
-            for result in results:
-                if result.error is not None:
-                    print(f"warning: K = {k}: a trial failed: {str(result.error).splitlines()[0]}", flush=True)
-                    continue
-                history = result.metrics_dataframe
-                points = [] if history is None or "AP50" not in history else [
-                    (int(i), float(a)) for i, a in zip(history["iteration"], history["AP50"]) if a == a]
-                curves[f"K={k} {result.config['max_iters']} it, lr {result.config['lr']:g}"] = points
-                last = points[-1] if points else (0, float("nan"))
-                row = {"shots": k, "max_iters": result.config["max_iters"], "lr": result.config["lr"],
-                       "iterations_run": last[0], "val_AP50": last[1],
-                       "stopped_early": last[0] < result.config["max_iters"]}
-                rows.append(row)
-                scored.append(row)
-            finished = [r for r in scored if not r["stopped_early"] and r["val_AP50"] == r["val_AP50"]]
-            if not finished:
-                raise RuntimeError(f"no trial of K = {k} finished; see the logs under {experiment}")
-            best = max(finished, key=lambda r: (r["val_AP50"], -r["max_iters"]))
+            found, best, rounds[k] = _kshot_sweep(cfg, k, trainable, storage, concurrent, curves)
+            rows += found
             table[k] = {"max_iters": best["max_iters"], "lr": best["lr"], "val_AP50": best["val_AP50"]}
             print(f"K = {k}: best {best['max_iters']} iterations at lr {best['lr']:g} "
                   f"(validation AP50 {best['val_AP50']:.2f})", flush=True)
@@ -523,8 +807,16 @@ def tune_finetune(cfg: TuneFinetuneConfig) -> dict:
         pyarrow.csv.write_csv(pa.Table.from_pylist(rows), output / "results.csv")
         lines = ["| K | iterations | lr | validation AP50 | iterations run | stopped early |",
                  "| ---: | ---: | ---: | ---: | ---: | --- |"]
-        lines += [f"| {r['shots']} | {r['max_iters']} | {r['lr']:g} | {r['val_AP50']:.2f} | {r['iterations_run']} | "
+        lines += [f"| {r['shots']} | {r['max_iters']} | {r['lr']:.3g} | {r['val_AP50']:.2f} | {r['iterations_run']} | "
                   f"{'yes' if r['stopped_early'] else 'no'} |" for r in rows]
+        for k, records in rounds.items():
+            for record in records:
+                ranges = ", ".join(f"{name} [{low:g}, {high:g}]" for name, (low, high) in record["ranges"].items())
+                lines += ["", f"K = {k}, round {record['round']}: {record['trials']} trials over {ranges}; best "
+                          f"validation AP50 so far {record['best_val_AP50']:.2f}."]
+                lines += [f"- {describe_edge(hit)}." for hit in record["edges"]]
+            if records and not records[-1]["edges"]:
+                lines.append("- the best schedule lies inside both ranges.")
         (output / "results.md").write_text("\n".join(lines) + "\n")
         preset = {"global_batch": base.global_batch(), "init": base.init, "seed": cfg.seed,
                   "shots": {k: {"max_iters": v["max_iters"], "lr": v["lr"]} for k, v in table.items()}}
@@ -536,4 +828,6 @@ def tune_finetune(cfg: TuneFinetuneConfig) -> dict:
         plot_learning_curves({name: [{"iteration": i, "AP50": a} for i, a in points] for name, points in curves.items()},
                              output / "sweep.png", metrics=("AP50",), title="k-shot sweep: validation AP50")
         print("\n".join(lines), flush=True)
-        return {"shots": table, "trials": rows}
+        (output / "summary.json").write_text(json.dumps({"shots": table, "rounds": rounds, "search": cfg.search},
+                                                        indent=2))
+        return {"shots": table, "trials": rows, "rounds": rounds}
