@@ -1,6 +1,7 @@
 """Classifier training on Ray Train, at tiny sizes."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,7 +41,10 @@ def test_training_writes_a_loadable_classifier_and_a_rerun_resumes(ray_session, 
     split = json.loads((run / "split.json").read_text())
     # The same command resumes after epoch 1, on the split it saved.
     meta = train_classifier(cfg)
-    assert "resuming after epoch 1/2" in capfd.readouterr().out
+    out = capfd.readouterr().out
+    assert "resuming after epoch 1/2" in out
+    # Each epoch's line ends with where the run is: epoch 2 of 2 done, nothing left.
+    assert re.search(r"epoch 2/2: loss .* images/s, 100%, 0s left", out), out[-2000:]
     assert meta["epochs"] == 2 and len(meta["history"]) == 2
     assert json.loads((run / "split.json").read_text()) == split
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in meta["history"])

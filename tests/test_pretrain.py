@@ -47,6 +47,7 @@ def test_two_workers_pretrain_die_and_a_rerun_resumes_from_the_checkpoint(pseudo
     meta = pretrain(cfg)
     out = capfd.readouterr()
     assert "resuming at iteration 2/3" in out.out + out.err
+    assert "iter 3/3 loss" in out.out + out.err and "100%, 0s left" in out.out + out.err  # where the run is
     assert meta["iterations"] == 3 and meta["num_classes"] == 4 and meta["classes"][0] == "__background__"
     assert meta["images"] == 22 and meta["skipped_without_boxes"] == 2 and "skipping" not in out.out + out.err
     assert [h["iteration"] for h in meta["history"]] == [1, 2, 3]

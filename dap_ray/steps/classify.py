@@ -33,6 +33,7 @@ from dap_ray.data.images import BadImageError, decode_image, list_image_folder
 from dap_ray.data.loading import ReplacingDataset
 from dap_ray.localisation.cam import IMAGENET_MEAN, IMAGENET_STD
 from dap_ray.models.classifiers import load_classifier, unwrap_ddp
+from dap_ray.progress import Progress
 from dap_ray.runs import check_same_settings, open_run
 from dap_ray.steps.ray_setup import (
     DEVICE_HELP,
@@ -209,6 +210,7 @@ def _train_loop(loop_config: dict) -> None:
             print(f"resuming after epoch {start_epoch}/{cfg.epochs} from the last checkpoint", flush=True)
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    run_progress = Progress(total_steps, "steps", done=start_epoch * steps_per_epoch, every_s=cfg.log_every_s)
     for epoch in range(start_epoch, cfg.epochs):
         # Seeding per epoch makes a resumed run draw the same crops and order as an
         # uninterrupted one, without carrying RNG state in the checkpoint.
@@ -218,7 +220,7 @@ def _train_loop(loop_config: dict) -> None:
         model.train()
         seen = correct = 0
         loss_sum = 0.0
-        started = last_print = time.perf_counter()
+        started = time.perf_counter()
         for step, batch in enumerate(loader):
             images, labels = batch  # never None: unreadable training images are replaced
             images = images.to(device).contiguous(memory_format=torch.channels_last)
@@ -234,10 +236,10 @@ def _train_loop(loop_config: dict) -> None:
             correct += int((logits.argmax(1) == labels).sum())
             loss_sum += float(loss) * len(labels)
             now = time.perf_counter()
-            if rank == 0 and now - last_print >= cfg.log_every_s:
+            if rank == 0 and run_progress.due():
                 print(f"epoch {epoch + 1}/{cfg.epochs} step {step + 1}/{steps_per_epoch} "
-                      f"loss {loss_sum / seen:.4f} {seen * world / (now - started):.1f} images/s", flush=True)
-                last_print = now
+                      f"loss {loss_sum / seen:.4f} {seen * world / (now - started):.1f} images/s, "
+                      f"{run_progress.left(epoch * steps_per_epoch + step + 1)}", flush=True)
         elapsed = time.perf_counter() - started
         if seen == 0:
             raise RuntimeError(f"no training image under {cfg.data} could be read on rank {rank}")
@@ -261,8 +263,8 @@ def _train_loop(loop_config: dict) -> None:
         history.append(metrics)
         if rank == 0:
             print(f"epoch {epoch + 1}/{cfg.epochs}: loss {metrics['loss']:.4f} train top-1 {metrics['train_top1']:.3f} "
-                  f"val top-1 {metrics['val_top1']:.3f} ({int(val_seen)} images) {metrics['images_per_s']:.1f} images/s",
-                  flush=True)
+                  f"val top-1 {metrics['val_top1']:.3f} ({int(val_seen)} images) {metrics['images_per_s']:.1f} images/s, "
+                  f"{run_progress.left((epoch + 1) * steps_per_epoch)}", flush=True)
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if rank == 0:

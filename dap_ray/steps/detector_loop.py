@@ -20,6 +20,7 @@ import torch
 from dap_ray.models.classifiers import unwrap_ddp
 from dap_ray.models.detectors import detector_state_dict
 from dap_ray.models.training import train_step
+from dap_ray.progress import Progress
 
 __all__ = ["STATE_FILE", "restore", "train_iterations"]
 
@@ -55,7 +56,8 @@ def train_iterations(model, optimizer, scheduler, batches: Iterator[list[dict]],
                      rng_state: list | None = None) -> None:
     """Train from iteration ``start`` to ``max_iters`` on ``batches`` (this rank's endless stream).
 
-    A progress line every ``log_every_s`` seconds (rank 0). At every checkpoint or evaluation
+    A progress line every ``log_every_s`` seconds (rank 0), ending with the share done and the
+    time left at this run's rate. At every checkpoint or evaluation
     point the window's mean losses, learning rate and images/s go into ``history`` and to Ray
     Train (``ray.train.report``); ``evaluate(iteration)`` (every ``eval_every`` and at the
     end; all ranks call it) returns metrics to add. The losses stay on the device between
@@ -77,7 +79,8 @@ def train_iterations(model, optimizer, scheduler, batches: Iterator[list[dict]],
     names: list[str] = []
     rows: list[torch.Tensor] = []  # this window's loss parts, one row per iteration, on the device
     window_images = 0
-    window_start = last_print = time.perf_counter()
+    window_start = time.perf_counter()
+    progress = Progress(max_iters, "iterations", done=start, every_s=log_every_s)
     for iteration in range(start, max_iters):
         batch = next(batches)
         losses = train_step(model, batch, optimizer, scheduler, device)
@@ -88,7 +91,7 @@ def train_iterations(model, optimizer, scheduler, batches: Iterator[list[dict]],
         now = time.perf_counter()
         is_checkpoint = done % checkpoint_every == 0 or done == max_iters
         is_eval = evaluate is not None and (done % (eval_every or checkpoint_every) == 0 or done == max_iters)
-        printing = rank == 0 and now - last_print >= log_every_s
+        printing = rank == 0 and progress.due()
         if not (printing or is_checkpoint or is_eval):
             continue
         # The one place the losses come to the host: where they are logged or a checkpoint is written.
@@ -104,9 +107,8 @@ def train_iterations(model, optimizer, scheduler, batches: Iterator[list[dict]],
         if printing or ((is_checkpoint or is_eval) and rank == 0):
             parts = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
             print(f"iter {done}/{max_iters} loss {means['loss']:.4f} ({parts}) "
-                  f"lr {scheduler.get_last_lr()[0]:.5f} {window_images * world / (now - window_start):.1f} images/s",
-                  flush=True)
-            last_print = now
+                  f"lr {scheduler.get_last_lr()[0]:.5f} {window_images * world / (now - window_start):.1f} images/s, "
+                  f"{progress.left(done)}", flush=True)
         if not (is_checkpoint or is_eval):
             continue  # the window goes on to the next checkpoint; only its rows so far were read
         metrics = dict(means)

@@ -39,6 +39,7 @@ from dap_ray.localisation.stages import (
     read_progress,
     write_results,
 )
+from dap_ray.progress import Progress
 from dap_ray.runs import open_run, settings_differ
 from dap_ray.steps.ray_setup import check_device, computes_on_gpu, init_ray, map_on_ray
 
@@ -338,17 +339,14 @@ def _mine(cfg: MineConfig, output: Path) -> dict:
                             fn_kwargs={"output": str(output)})
         # Ray Data then waits for the pool's first actor before it streams, and gives up after the timeout.
         ds.context.wait_for_min_actors_s = math.ceil(cfg.actor_start_timeout_s) or -1
-        last = 0.0
+        lines = Progress(_images_to_mine(shards, done, cfg.limit), "images", done=done, every_s=10.0)
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for key in counts:
                     counts[key] += sum(batch.column(key).to_pylist())
-                now = time.perf_counter()
-                if now - last > 10:
-                    done_now = counts["images"] + counts["errors"]
-                    print(f"mined {done_now} images ({counts['errors']} errors), "
-                          f"{done_now / (now - started):.1f} images/s", flush=True)
-                    last = now
+                if lines.due():
+                    print(f"mined {lines.line(done + counts['images'] + counts['errors'])} "
+                          f"({counts['errors']} errors)", flush=True)
         except ray.exceptions.GetTimeoutError:
             raise RuntimeError(
                 f"no model actor started within {cfg.actor_start_timeout_s:g} s (--actor-start-timeout-s): no node of "
@@ -361,6 +359,16 @@ def _mine(cfg: MineConfig, output: Path) -> dict:
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2), flush=True)
     return summary
+
+
+def _images_to_mine(shards: list[dict], done: int, limit: int | None) -> int | None:
+    """Images the run will have mined at its end: ``done`` plus the shards' still to read, when
+    their sizes are known before reading (folder shards: ranges of a listed class folder;
+    tars and Parquet files are counted only as they are read), at most ``limit``; else None."""
+    if not all("stop" in shard for shard in shards):
+        return None
+    left = sum(shard["stop"] - shard["start"] - len(shard.get("skip", ())) for shard in shards)
+    return min(done + left, limit) if limit is not None else done + left
 
 
 def _summary(output: Path, wall: float, counts: dict, cfg: MineConfig) -> dict:

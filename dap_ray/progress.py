@@ -1,0 +1,74 @@
+"""Progress a person can follow in a terminal or in ``ray job logs``: how much of the total is
+done, at what rate, and how long is left, as one short line printed at a steady interval.
+
+The rate counts only what this process did (a resumed run does not count the work its
+checkpoint already held), so the time left is what this run will still take.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+__all__ = ["Progress", "format_duration"]
+
+
+def format_duration(seconds: float | None) -> str:
+    """``3h 05m``, ``4m 09s``, ``42s``; ``?`` when not known yet."""
+    if seconds is None or seconds != seconds or seconds == float("inf"):
+        return "?"
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
+
+
+class Progress:
+    """``total`` units of work (None when not known), of which ``done`` were done before this process
+    started; :meth:`line` says where a run is, :meth:`due` whether the next line is due after
+    ``every_s`` seconds."""
+
+    def __init__(self, total: int | None, unit: str, done: int = 0, every_s: float = 20.0,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        if total is not None and total < 0:
+            raise ValueError(f"a progress total cannot be negative, got {total}")
+        self.total, self.unit, self.every_s = total, unit, every_s
+        self._first_done, self._clock = done, clock
+        self._started = self._last = clock()
+
+    def due(self) -> bool:
+        """True once ``every_s`` seconds have passed since the last line (or the start)."""
+        return self._clock() - self._last >= self.every_s
+
+    def rate(self, done: int) -> float:
+        """Units a second since this process started."""
+        elapsed = self._clock() - self._started
+        return (done - self._first_done) / elapsed if elapsed > 0 else 0.0
+
+    def seconds_left(self, done: int) -> float | None:
+        rate = self.rate(done)
+        if self.total is None or rate <= 0:
+            return None
+        return max(0, self.total - done) / rate
+
+    def left(self, done: int) -> str:
+        """``30%, 3m 04s left`` (``?`` before any rate), to end a step's own progress line; the
+        line counted as printed."""
+        self._last = self._clock()
+        share = 100 * done / self.total if self.total else 100.0
+        return f"{share:.0f}%, {format_duration(self.seconds_left(done))} left"
+
+    def line(self, done: int) -> str:
+        """``120/400 iterations (30%), 1.52 iterations/s, 3m 04s left`` (no share or time left
+        without a total), and the line counted as printed."""
+        self._last = self._clock()
+        rate = self.rate(done)
+        if self.total is None:
+            return f"{done} {self.unit}, {rate:.3g} {self.unit}/s"
+        share = 100 * done / self.total if self.total else 100.0
+        return (f"{done}/{self.total} {self.unit} ({share:.0f}%), {rate:.3g} {self.unit}/s, "
+                f"{format_duration(self.seconds_left(done))} left")
