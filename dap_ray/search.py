@@ -46,12 +46,11 @@ class SearchRange:
         return math.log(value) if self.log else value
 
     def edge(self, value: float) -> str | None:
-        """``"low"`` or ``"high"`` when ``value`` sits on that edge of the range, else None. A range of
-        one value has no edge to move past."""
+        """``"low"`` or ``"high"`` when ``value`` sits on that edge of the range (within
+        :data:`EDGE_SHARE` of its width, on its own scale), else None. A range of one value has
+        no edge to move past."""
         if self.low == self.high:
             return None
-        if self.integer:
-            return "low" if value <= self.low else "high" if value >= self.high else None
         width = self._scaled(self.high) - self._scaled(self.low)
         if self._scaled(value) - self._scaled(self.low) <= EDGE_SHARE * width:
             return "low"

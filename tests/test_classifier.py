@@ -13,6 +13,7 @@ import yaml
 from dap_ray.data.sample import SampleConfig, make_sample_dataset
 from dap_ray.models.classifiers import load_classifier
 from dap_ray.steps.classify import ClassifierTrainConfig, split_items, train_classifier
+from tests.test_tracking import mlflow_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "tests.factories:tiny_resnet"
@@ -35,7 +36,8 @@ def test_training_writes_a_loadable_classifier_and_a_rerun_resumes(ray_session, 
 
     FAIL_IN_EPOCH_TWO_MARKER.unlink(missing_ok=True)
     run = tmp_path / "run"
-    cfg = tiny_config(tiny_sample, run, arch="tests.factories:fail_in_epoch_two_tiny_resnet", max_failures=0)
+    cfg = tiny_config(tiny_sample, run, arch="tests.factories:fail_in_epoch_two_tiny_resnet", max_failures=0,
+                      mlflow_uri="local")
     with pytest.raises(TrainingFailedError, match="simulated failure at training step 6"):
         train_classifier(cfg)  # dies in epoch 2, after the epoch-1 checkpoint
     split = json.loads((run / "split.json").read_text())
@@ -45,6 +47,9 @@ def test_training_writes_a_loadable_classifier_and_a_rerun_resumes(ray_session, 
     assert "resuming after epoch 1/2" in out
     # Each epoch's line ends with where the run is: epoch 2 of 2 done, nothing left.
     assert re.search(r"epoch 2/2: loss .* images/s, 100%, 0s left", out), out[-2000:]
+    runs = mlflow_runs(f"sqlite:///{run.resolve()}/mlflow.db", "classifier")  # the finished run, logged once
+    assert len(runs) == 1 and runs.iloc[0]["params.arch"] == "tests.factories:fail_in_epoch_two_tiny_resnet"
+    assert runs.iloc[0]["metrics.val_top1"] == pytest.approx(meta["val_top1"])
     assert meta["epochs"] == 2 and len(meta["history"]) == 2
     assert json.loads((run / "split.json").read_text()) == split
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in meta["history"])

@@ -10,6 +10,7 @@ import torch
 
 from dap_ray.models.detectors import CLASS_DEPENDENT_LAYERS, build_detector, detector_state_dict, initialise
 from dap_ray.steps.finetune import FinetuneConfig, finetune, resolve_schedule
+from tests.test_tracking import mlflow_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "tests.factories:tiny_resnet"
@@ -161,7 +162,7 @@ def test_a_k_shot_run_evaluates_writes_its_outputs_and_resumes_after_dying(ray_s
     FAIL_AT_STEP_THREE_MARKER.unlink(missing_ok=True)
     run = tmp_path / "run"
     cfg = small_config(downstream, run, backbone="tests.factories:fail_at_step_three_tiny_resnet", shots=2,
-                       seeds=(4,), max_failures=0)
+                       seeds=(4,), max_failures=0, mlflow_uri="local")
     with pytest.raises(TrainingFailedError, match="simulated failure at training step 3"):
         finetune(cfg)  # dies in iteration 3, after the iteration-2 checkpoint and evaluation
     capfd.readouterr()
@@ -183,6 +184,9 @@ def test_a_k_shot_run_evaluates_writes_its_outputs_and_resumes_after_dying(ray_s
     assert (run / "learning_curve.png").stat().st_size > 1000
     state = torch.load(run / "detector_final.pt", weights_only=True)
     tiny(backbone=cfg.backbone).load_state_dict(state, strict=True)
+    runs = mlflow_runs(f"sqlite:///{run.resolve()}/mlflow.db", "finetune")
+    assert len(runs) == 1 and runs.iloc[0]["metrics.final/AP50"] == pytest.approx(meta["final"]["AP50"])
+    assert runs.iloc[0]["params.shots"] == "2"
     again = finetune(cfg)  # everything done: found, not trained again
     assert again["iterations"] == 4 and "already done" in capfd.readouterr().out
 

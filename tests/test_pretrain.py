@@ -11,6 +11,7 @@ from dap_ray.models.detectors import build_detector
 from dap_ray.steps.pretrain import PretrainConfig, pretrain
 from dap_ray.steps.pretrain.torchvision_backend import schedule_factor
 from tests.helpers import pseudo_run_as
+from tests.test_tracking import mlflow_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "tests.factories:tiny_resnet"
@@ -40,7 +41,8 @@ def test_two_workers_pretrain_die_and_a_rerun_resumes_from_the_checkpoint(pseudo
     backbone = "tests.factories:fail_at_step_three_tiny_resnet"
     # From synset tars, each image one positioned read, in two forked loader processes per worker.
     cfg = small_config(in_format(pseudo_run, "tar", tmp_path), tmp_path / "run", backbone=backbone,
-                       backbone_weights=None, max_iters=3, checkpoint_every=1, max_failures=0, loader_workers=1)
+                       backbone_weights=None, max_iters=3, checkpoint_every=1, max_failures=0, loader_workers=1,
+                       mlflow_uri="local")
     with pytest.raises(TrainingFailedError, match="simulated failure at training step 3"):
         pretrain(cfg)  # a rank dies in iteration 3, after the iteration-2 checkpoint
     capfd.readouterr()
@@ -51,6 +53,8 @@ def test_two_workers_pretrain_die_and_a_rerun_resumes_from_the_checkpoint(pseudo
     assert meta["iterations"] == 3 and meta["num_classes"] == 4 and meta["classes"][0] == "__background__"
     assert meta["images"] == 22 and meta["skipped_without_boxes"] == 2 and "skipping" not in out.out + out.err
     assert [h["iteration"] for h in meta["history"]] == [1, 2, 3]
+    runs = mlflow_runs(f"sqlite:///{(tmp_path / 'run').resolve()}/mlflow.db", "pretrain")
+    assert len(runs) == 1 and runs.iloc[0]["params.max_iters"] == "3" and runs.iloc[0]["metrics.final/iterations"] == 3
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in meta["history"])
     assert {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg", "lr", "images_per_s"} <= \
         set(meta["history"][0])

@@ -19,6 +19,10 @@ COUNT = SearchRange("threshold_count", 1, 6, limit_low=1, limit_high=10, integer
     ([LR], {"lr": 0.038}, [("lr", "high", True)]),
     ([COUNT], {"threshold_count": 1}, [("threshold_count", "low", False)]),  # 1 is the hard limit
     ([COUNT, NMS], {"threshold_count": 6, "nms_iou": 0.7}, [("threshold_count", "high", True)]),
+    ([COUNT], {"threshold_count": 5}, []),
+    # Regression: 145 of 20-160 on a log scale is 95% of the way up, on the edge (whole numbers too).
+    ([SearchRange("max_iters", 20, 160, 1, 640, log=True, integer=True)], {"max_iters": 145},
+     [("max_iters", "high", True)]),
 ])
 def test_edges_hit(ranges, best, expected):
     assert [(h["name"], h["side"], h["growable"]) for h in edges_hit(ranges, best)] == expected

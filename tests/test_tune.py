@@ -15,6 +15,7 @@ import yaml
 
 from dap_ray.localisation.boxes import BoxConfig
 from dap_ray.localisation.sweep import CamCache, fingerprint, score_box_config
+from tests.test_tracking import mlflow_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -205,7 +206,7 @@ def test_the_k_shot_sweep_writes_a_preset_that_finetune_reads(ray_session, tmp_p
                              init="scratch", backbone="tests.factories:tiny_resnet", output=str(tmp_path / "sweep"),
                              shots=(2,), iterations=(2, 4), lrs=(0.01,), val_images=4, evals_per_trial=2, min_sizes=(48,),
                              max_size=96, roi_batch_size_per_image=16, test_proposals=50, max_concurrent_trials=1,
-                             search="grid")
+                             search="grid", mlflow_uri="local")
     summary = tune_finetune(cfg)
     assert len(summary["trials"]) == 2 and set(summary["shots"]) == {2}
     chosen = summary["shots"][2]
@@ -217,6 +218,10 @@ def test_the_k_shot_sweep_writes_a_preset_that_finetune_reads(ray_session, tmp_p
     with pytest.raises(ValueError, match="no entry for K = 5"):
         resolve_schedule(FinetuneConfig(shots=5, kshot_table=str(tmp_path / "sweep" / "kshot_preset.yaml")), 4)
     assert (tmp_path / "sweep" / "sweep.png").is_file() and "| 2 |" in (tmp_path / "sweep" / "results.md").read_text()
+    runs = mlflow_runs(f"sqlite:///{(tmp_path / 'sweep').resolve()}/mlflow.db", "tune_finetune")
+    parent = runs[runs["tags.mlflow.parentRunId"].isna()]
+    assert len(runs) == 3 and len(parent) == 1  # the sweep, and one child per trial
+    assert parent.iloc[0]["metrics.final/K2/max_iters"] == chosen["max_iters"]
 
 
 def test_the_concurrency_limit_reaches_the_grid_generator():
@@ -237,7 +242,8 @@ def test_the_box_search_tries_the_papers_setting_first_and_reports_on_held_out_i
     cfg = TuneBoxesConfig(gt_boxes=str(sample / "gt_boxes.json"), images=str(sample / "images"),
                           classifier="tests.factories:tiny_resnet", weights=str(weights),
                           class_map=str(sample / "classes.txt"), scales=(32, 64), output=str(tmp_path / "search"),
-                          samples=3, extend_rounds=1, max_concurrent_trials=1, threshold_count_range=(3, 4))
+                          samples=3, extend_rounds=1, max_concurrent_trials=1, threshold_count_range=(3, 4),
+                          mlflow_uri="local")
     summary = tune_boxes(cfg)
     assert summary["search"] == "optuna" and summary["default"]["thresholds"] == "0.2,0.3,0.4,0.5"
     # Selected on 6 images, reported on the other 6, both written.
@@ -255,6 +261,10 @@ def test_the_box_search_tries_the_papers_setting_first_and_reports_on_held_out_i
     assert "Held out of the search (6 images" in text and "Round 1: 3 trials" in text
     best = yaml.safe_load((tmp_path / "search" / "best.yaml").read_text())
     assert set(best) == {"thresholds", "nms_iou", "preset", "size_measure"} and 1 <= len(best["thresholds"]) <= 8
+    runs = mlflow_runs(f"sqlite:///{(tmp_path / 'search').resolve()}/mlflow.db", "tune_boxes")
+    assert len(runs) == 1 + summary["scored"]  # the sweep and each trial
+    parent = runs[runs["tags.mlflow.parentRunId"].isna()].iloc[0]
+    assert parent["metrics.final/held_out/best/AP50"] == pytest.approx(summary["report"]["best"]["AP50"])
 
 
 def test_the_k_shot_search_grows_a_range_its_best_sits_on(ray_session, tmp_path):

@@ -46,6 +46,7 @@ from dap_ray.steps.ray_setup import (
     train_device,
     train_worker_rank,
 )
+from dap_ray.tracking import MLFLOW_URI_HELP, check_tracking, log_step
 
 __all__ = ["ClassifierTrainConfig", "ImageListDataset", "train_classifier"]
 
@@ -84,6 +85,7 @@ class ClassifierTrainConfig:
         "help": "where Ray Train keeps checkpoints (default OUTPUT/ray; use shared storage on a cluster)"})
     seed: int = field(default=0, metadata={"help": "split and initialisation seed"})
     log_every_s: float = field(default=20.0, metadata={"help": "seconds between progress lines within an epoch"})
+    mlflow_uri: str | None = field(default=None, metadata={"help": MLFLOW_URI_HELP})
 
     def __post_init__(self) -> None:
         check_device(self.device, self.use_gpu, "--use-gpu")
@@ -290,7 +292,8 @@ def _evaluate(model, loader, device, autocast) -> tuple[int, int]:
 
 
 # Settings that change how the work is spread, not what is learnt: a rerun may change them.
-OPERATIONAL = ("output", "use_gpu", "cpus_per_worker", "loader_workers", "max_failures", "storage_path", "log_every_s")
+OPERATIONAL = ("output", "use_gpu", "cpus_per_worker", "loader_workers", "max_failures", "storage_path", "log_every_s",
+               "mlflow_uri")
 
 
 def saved_split(output: Path, items: list[tuple[str, int]], cfg: ClassifierTrainConfig,
@@ -328,6 +331,7 @@ def train_classifier(cfg: ClassifierTrainConfig) -> dict:
     # Workers run in other directories: every path they see must be absolute.
     cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()),
                               class_map=str(Path(cfg.class_map).resolve()) if cfg.class_map else None)
+    uri = check_tracking(cfg.mlflow_uri, cfg.output)
     listing = list_image_folder(cfg.data, cfg.class_map)
     for line in listing.problems():
         print(f"warning: {line}", flush=True)
@@ -340,7 +344,10 @@ def train_classifier(cfg: ClassifierTrainConfig) -> dict:
         if not val_items:
             raise ValueError(f"no validation images: {len(listing.items)} images are too few for val_fraction "
                              f"{cfg.val_fraction}")
-        return _train(cfg, listing, train_items, val_items, output, storage)
+        meta = _train(cfg, listing, train_items, val_items, output, storage)
+    log_step(uri, "classifier", output, config_to_dict(cfg), meta.get("history", []), step_key="epoch",
+             final={k: meta.get(k) for k in ("val_top1", "epochs")}, artifacts=("config.yaml", "meta.json"))
+    return meta
 
 
 def _train(cfg: ClassifierTrainConfig, listing, train_items: list, val_items: list, output: Path,

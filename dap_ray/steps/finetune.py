@@ -65,6 +65,7 @@ from dap_ray.steps.ray_setup import (
     train_device,
     train_worker_rank,
 )
+from dap_ray.tracking import MLFLOW_URI_HELP, check_tracking, log_step
 
 __all__ = ["HEADLINE_METRICS", "PRESETS", "FinetuneConfig", "build_model", "finetune", "load_split", "make_optimizer",
            "resolve_architecture", "resolve_schedule", "training_loader"]
@@ -172,6 +173,7 @@ class FinetuneConfig:
     eval_batch_size: int = field(default=4, metadata={"help": "test images per worker per forward pass"})
     checkpoint_every: int = field(default=1000, metadata={"help": "iterations between checkpoints"})
     log_every_s: float = field(default=20.0, metadata={"help": "seconds between progress lines"})
+    mlflow_uri: str | None = field(default=None, metadata={"help": MLFLOW_URI_HELP})
     max_failures: int = field(default=2, metadata={"help": "worker-group restarts from the last checkpoint"})
     storage_path: str | None = field(default=None, metadata={
         "help": "where Ray Train keeps checkpoints (default RUN_DIR/ray; use shared storage on a cluster)"})
@@ -211,7 +213,7 @@ class FinetuneConfig:
 
 # Settings that change how the work is spread, not what is learnt: a rerun may change them.
 OPERATIONAL = ("output", "use_gpu", "cpus_per_worker", "loader_workers", "checkpoint_every", "log_every_s",
-               "max_failures", "storage_path", "eval_batch_size", "eval_every", "seeds")
+               "max_failures", "storage_path", "eval_batch_size", "eval_every", "seeds", "mlflow_uri")
 
 
 def load_split(cfg: FinetuneConfig, which: Literal["train", "test"]) -> DetectionSet:
@@ -455,6 +457,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     absolute = {k: str(Path(getattr(cfg, k)).resolve())
                 for k in ("train", "test", "train_images", "test_images", "kshot_table") if getattr(cfg, k)}
     cfg = resolve_architecture(dataclasses.replace(cfg, **absolute))
+    uri = check_tracking(cfg.mlflow_uri, cfg.output)
     train_all, test = load_split(cfg, "train"), load_split(cfg, "test")
     if train_all.classes != test.classes:
         raise ValueError(f"the training set's classes {list(train_all.classes)} differ from the test set's "
@@ -468,7 +471,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
             folder = output if len(cfg.seeds) == 1 else output / f"seed_{seed}"
             runs.append(_run_one(cfg, seed, train_all, test, folder))
         if len(cfg.seeds) == 1:
-            return runs[0]
+            meta = runs[0]
+            log_step(uri, "finetune", output, meta.get("config", config_to_dict(cfg)), _tracked_rows(meta),
+                     step_key="iteration", final=meta["final"],
+                     artifacts=("config.yaml", "meta.json", "metrics.json", "learning_curve.png"))
+            return meta
         summary = _summarise(cfg, runs)
         (output / "summary.json").write_text(json.dumps(json_safe(summary), indent=2))
         save_config(cfg, output / "config.yaml")
@@ -476,8 +483,17 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
         plot_learning_curves({f"seed {m['seed']}": m["evaluations"] for m in runs}, output / "learning_curves.png",
                              title=f"{cfg.init.split(':')[0].upper()} init, {_shots_label(cfg)}")
+    log_step(uri, "finetune", output, config_to_dict(cfg), step_key="iteration",
+             final={f"{k}_{stat}": v[stat] for k, v in summary["metrics"].items() for stat in ("mean", "std")},
+             artifacts=("config.yaml", "summary.json", "learning_curves.png"),
+             children=[(f"seed {m['seed']}", m.get("config", {}), _tracked_rows(m), m["final"]) for m in runs])
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=2), flush=True)
     return summary
+
+
+def _tracked_rows(meta: dict) -> list[dict]:
+    """A seed run's losses and evaluations, each row at its iteration, for MLflow."""
+    return [*meta.get("history", []), *meta.get("evaluations", [])]
 
 
 def _shots_label(cfg: FinetuneConfig) -> str:

@@ -40,6 +40,7 @@ from typing import Literal
 import yaml
 
 from dap_ray.search import describe_edge, edges_hit, extend
+from dap_ray.tracking import MLFLOW_URI_HELP, check_tracking, log_step
 
 __all__ = ["DEFAULT_THRESHOLD_SETS", "TuneBoxesConfig", "TuneFinetuneConfig", "grid_tune_config", "tune_boxes",
            "tune_finetune"]
@@ -49,8 +50,8 @@ DEFAULT_THRESHOLD_SETS = ("0.2,0.3,0.4,0.5", "0.1,0.2,0.3,0.4", "0.3,0.4,0.5,0.6
                           "0.1,0.2,0.3,0.4,0.5,0.6")
 PAPER_DEFAULT = {"thresholds": "0.2,0.3,0.4,0.5", "nms_iou": 0.8, "preset": "official", "size_measure": "rectangle"}
 # Settings a rerun may change: how the work is spread, not what is searched or scored.
-BOX_SWEEP_OPERATIONAL = ("output", "batch_size", "max_concurrent_trials", "storage_path")
-FINETUNE_SWEEP_OPERATIONAL = ("output", "max_concurrent_trials", "storage_path", "loader_workers")
+BOX_SWEEP_OPERATIONAL = ("output", "batch_size", "max_concurrent_trials", "storage_path", "mlflow_uri")
+FINETUNE_SWEEP_OPERATIONAL = ("output", "max_concurrent_trials", "storage_path", "loader_workers", "mlflow_uri")
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,8 @@ class TuneBoxesConfig:
         "help": "share of the labelled images held out of the search: the best and the paper's setting are "
                 "scored on them once at the end (0: select and report on the same images, optimistic)"})
     seed: int = field(default=0, metadata={"help": "the tuning/report split and the searcher's seed"})
+    mlflow_uri: str | None = field(default=None, metadata={
+        "help": MLFLOW_URI_HELP + "; a parent run with one child per trial"})
     limit: int | None = field(default=None, metadata={"help": "use at most this many labelled images"})
     batch_size: int = field(default=32, metadata={"help": "images per CAM batch"})
     max_concurrent_trials: int | None = field(default=None, metadata={
@@ -285,6 +288,7 @@ def tune_boxes(cfg: TuneBoxesConfig) -> dict:
     for name in ("gt_boxes", "weights", "class_map"):
         if getattr(cfg, name) and not Path(getattr(cfg, name)).is_file():
             raise ValueError(f"--{name.replace('_', '-')} not found: {getattr(cfg, name)}")
+    uri = check_tracking(cfg.mlflow_uri, cfg.output)
     if cfg.weights is None:
         print(f"warning: no --weights: the CAMs come from {cfg.classifier} as its factory builds it (a random "
               "classifier's CAMs say nothing about box settings)", flush=True)
@@ -324,7 +328,15 @@ def tune_boxes(cfg: TuneBoxesConfig) -> dict:
             default = next((r for r in rows if _is_default(r)), PAPER_DEFAULT)
             reported = {name: score_box_config(cache, cams, report, _box_config(row, cache.scale), category_ids)
                         for name, row in (("best", best), ("default", default))}
-        return _write_outputs(cfg, output, rows, errors, trials, reported=reported, rounds=rounds)
+        summary = _write_outputs(cfg, output, rows, errors, trials, reported=reported, rounds=rounds)
+    final = {f"best/{k}": summary["best"].get(k) for k in _METRICS}
+    if reported:
+        final.update({f"held_out/{name}/{k}": reported[name].get(k) for name in reported for k in _METRICS})
+    log_step(uri, "tune_boxes", output, config_to_dict(cfg), final=final,
+             artifacts=("config.yaml", "results.md", "results.csv", "best.yaml", "sweep.png", "summary.json"),
+             children=[(f"rank {r['rank']}", {k: v for k, v in r.items() if k not in _METRICS},
+                        [], {k: r.get(k) for k in _METRICS}) for r in rows])
+    return summary
 
 
 def _ap50(row: dict) -> float:
@@ -609,6 +621,8 @@ class TuneFinetuneConfig:
         "help": "trials at once (default: one per CPU of the cluster, less one when trials start Ray Train)"})
     storage_path: str | None = field(default=None, metadata={
         "help": "where Tune keeps the sweeps' state (default OUTPUT/ray; shared storage on a cluster)"})
+    mlflow_uri: str | None = field(default=None, metadata={
+        "help": MLFLOW_URI_HELP + "; a parent run per sweep with one child per trial"})
     # The fine-tuning settings every trial shares (jobs/finetune.py's; the sample's when it runs).
     detector: Literal["faster_rcnn_fpn", "retinanet_fpn"] | None = field(default=None, metadata={
         "help": "as jobs/finetune.py --detector"})
@@ -745,7 +759,7 @@ def _kshot_sweep(cfg: TuneFinetuneConfig, k: int, trainable, storage: Path, conc
             history = result.metrics_dataframe
             points = [] if history is None or "AP50" not in history else [
                 (int(i), float(a)) for i, a in zip(history["iteration"], history["AP50"]) if a == a]
-            curves[f"K={k} {result.config['max_iters']} it, lr {result.config['lr']:.3g}"] = points
+            curves[_curve_name({"shots": k, **result.config})] = points
             last = points[-1] if points else (0, float("nan"))
             rows.append({"shots": k, "max_iters": result.config["max_iters"], "lr": result.config["lr"],
                          "iterations_run": last[0], "val_AP50": last[1],
@@ -789,6 +803,7 @@ def tune_finetune(cfg: TuneFinetuneConfig) -> dict:
     base = resolve_architecture(cfg.finetune_config())
     cfg = dataclasses.replace(cfg, init=base.init, detector=base.detector, backbone=base.backbone)
     train_all = load_split(base, "train")
+    uri = check_tracking(cfg.mlflow_uri, cfg.output)
     rows, table, curves, rounds = [], {}, {}, {}
     with open_run(Path(cfg.output).resolve()) as output:
         check_same_settings(output, config_to_dict(cfg), "a k-shot sweep", except_keys=FINETUNE_SWEEP_OPERATIONAL)
@@ -852,4 +867,14 @@ def tune_finetune(cfg: TuneFinetuneConfig) -> dict:
         print("\n".join(lines), flush=True)
         (output / "summary.json").write_text(json.dumps({"shots": table, "rounds": rounds, "search": cfg.search},
                                                         indent=2))
-        return {"shots": table, "trials": rows, "rounds": rounds}
+    log_step(uri, "tune_finetune", output, config_to_dict(cfg),
+             final={f"K{k}/{name}": value for k, chosen in table.items() for name, value in chosen.items()},
+             artifacts=("config.yaml", "results.md", "results.csv", "kshot_preset.yaml", "sweep.png", "summary.json"),
+             children=[(_curve_name(r), {k: r[k] for k in ("shots", "max_iters", "lr", "round")},
+                        [{"iteration": i, "val_AP50": a} for i, a in curves.get(_curve_name(r), [])],
+                        {k: r[k] for k in ("val_AP50", "iterations_run")}) for r in rows])
+    return {"shots": table, "trials": rows, "rounds": rounds}
+
+
+def _curve_name(row: dict) -> str:
+    return f"K={row['shots']} {row['max_iters']} it, lr {row['lr']:.3g}"

@@ -15,13 +15,14 @@ from dap_ray.config import config_to_dict
 from dap_ray.runs import check_same_settings, open_run
 from dap_ray.steps.pretrain.config import PretrainConfig, prepare_data
 from dap_ray.steps.ray_setup import has_checkpoint, run_storage
+from dap_ray.tracking import check_tracking, log_step
 
 __all__ = ["PretrainConfig", "prepare_data", "pretrain"]
 
 
 # Settings that change how the work is spread, not what is learnt: a rerun may change them.
 OPERATIONAL = ("output", "use_gpu", "cpus_per_worker", "loader_workers", "checkpoint_every", "log_every_s",
-               "max_failures", "storage_path", "cache_dir")
+               "max_failures", "storage_path", "cache_dir", "mlflow_uri")
 # Boxes folders larger than this build their training cache in a Ray task, away from the driver.
 IN_TASK_BYTES = 64 << 20
 
@@ -34,6 +35,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     """
     if cfg.boxes is None:
         raise ValueError("no --boxes given (the jobs fill in the built-in sample: dap_ray.steps.embedded)")
+    uri = check_tracking(cfg.mlflow_uri, cfg.output)
     cfg, pseudo, classes = prepare_data(cfg, build=_build_in_task if _boxes_bytes(cfg.boxes) > IN_TASK_BYTES else None)
     cfg = dataclasses.replace(cfg, lr=cfg.learning_rate())
     if cfg.backbone_weights is None:
@@ -48,10 +50,14 @@ def pretrain(cfg: PretrainConfig) -> dict:
         if cfg.backend == "detectron2":
             from dap_ray.steps.pretrain.detectron2_backend import train_detectron2
 
-            return train_detectron2(cfg, pseudo, classes, output)
-        from dap_ray.steps.pretrain.torchvision_backend import train_torchvision
+            meta = train_detectron2(cfg, pseudo, classes, output)
+        else:
+            from dap_ray.steps.pretrain.torchvision_backend import train_torchvision
 
-        return train_torchvision(cfg, pseudo, classes, output)
+            meta = train_torchvision(cfg, pseudo, classes, output)
+    log_step(uri, "pretrain", output, config_to_dict(cfg), meta.get("history", []), step_key="iteration",
+             final={"iterations": meta.get("iterations")}, artifacts=("config.yaml", "meta.json"))
+    return meta
 
 
 def _boxes_bytes(boxes: str) -> int:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Literal
 
 from dap_ray.steps.ray_setup import DEVICE_HELP, check_device
+from dap_ray.tracking import MLFLOW_URI_HELP
 
 if TYPE_CHECKING:
     from dap_ray.data.pseudo_boxes import PseudoBoxes
@@ -72,6 +73,7 @@ class PretrainConfig:
     roi_batch_size_per_image: int = field(default=512, metadata={"help": "Faster R-CNN proposals sampled per image"})
     checkpoint_every: int = field(default=2000, metadata={"help": "iterations between checkpoints"})
     log_every_s: float = field(default=20.0, metadata={"help": "seconds between progress lines"})
+    mlflow_uri: str | None = field(default=None, metadata={"help": MLFLOW_URI_HELP})
     max_failures: int = field(default=2, metadata={"help": "worker-group restarts from the last checkpoint"})
     storage_path: str | None = field(default=None, metadata={
         "help": "where Ray Train keeps checkpoints (default OUTPUT/ray; use shared storage on a cluster)"})
