@@ -713,9 +713,16 @@ def _finetune_trial(config: dict, base: dict, train, val, seed: int, workers: in
         scores, _ = _evaluate(model, val, cfg, 0, 1, device)
         return {"progress": round(100 * done / iters), **{k: scores[k] for k in ("AP", "AP50", "VOC_AP50")}}
 
-    train_iterations(model, optimizer, scheduler, iter(training_loader(cfg, train, seed)), device, rank=0, world=1,
-                     start=0, max_iters=cfg.max_iters, checkpoint_every=cfg.max_iters, log_every_s=1e9, history=[],
-                     eval_every=cfg.eval_every, evaluate=evaluate, report=ray.tune.report)
+    try:
+        train_iterations(model, optimizer, scheduler, iter(training_loader(cfg, train, seed)), device, rank=0,
+                         world=1, start=0, max_iters=cfg.max_iters, checkpoint_every=cfg.max_iters, log_every_s=1e9,
+                         history=[], eval_every=cfg.eval_every, evaluate=evaluate, report=ray.tune.report)
+    except FloatingPointError as exc:
+        # A schedule that diverges is a result, the worst one: reported as such (not an error,
+        # which Tune would run again, diverging again, TRIAL_RETRIES times).
+        print(f"this schedule diverged: {exc}", flush=True)
+        ray.tune.report({"progress": 100, "iteration": iters, "AP": 0.0, "AP50": 0.0, "VOC_AP50": 0.0,
+                         "diverged": 1})
 
 
 def _kshot_sweep(cfg: TuneFinetuneConfig, k: int, trainable, storage: Path, concurrent: int, curves: dict):
@@ -761,8 +768,9 @@ def _kshot_sweep(cfg: TuneFinetuneConfig, k: int, trainable, storage: Path, conc
                 (int(i), float(a)) for i, a in zip(history["iteration"], history["AP50"]) if a == a]
             curves[_curve_name({"shots": k, **result.config})] = points
             last = points[-1] if points else (0, float("nan"))
+            diverged = bool((result.metrics or {}).get("diverged"))
             rows.append({"shots": k, "max_iters": result.config["max_iters"], "lr": result.config["lr"],
-                         "iterations_run": last[0], "val_AP50": last[1],
+                         "iterations_run": last[0], "val_AP50": last[1], "diverged": diverged,
                          "stopped_early": last[0] < result.config["max_iters"], "round": number + 1})
         finished = [r for r in rows if not r["stopped_early"] and r["val_AP50"] == r["val_AP50"]]
         if not finished:
@@ -844,7 +852,8 @@ def tune_finetune(cfg: TuneFinetuneConfig) -> dict:
         pyarrow.csv.write_csv(pa.Table.from_pylist(rows), output / "results.csv")
         lines = ["| K | iterations | lr | validation AP50 | iterations run | stopped early |",
                  "| ---: | ---: | ---: | ---: | ---: | --- |"]
-        lines += [f"| {r['shots']} | {r['max_iters']} | {r['lr']:.3g} | {r['val_AP50']:.2f} | {r['iterations_run']} | "
+        lines += [f"| {r['shots']} | {r['max_iters']} | {r['lr']:.3g} | "
+                  f"{'diverged' if r['diverged'] else format(r['val_AP50'], '.2f')} | {r['iterations_run']} | "
                   f"{'yes' if r['stopped_early'] else 'no'} |" for r in rows]
         for k, records in rounds.items():
             for record in records:
