@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["SearchRange", "describe_edge", "edges_hit", "extend", "threshold_set"]
+__all__ = ["SearchRange", "describe_edge", "describe_rounds", "edges_hit", "extend", "threshold_set"]
 
 # A best value within this share of a range's width from an edge counts as on the edge (a
 # sampler rarely draws the bound itself).
@@ -99,6 +99,20 @@ def describe_edge(hit: dict) -> str:
     """One line for an :func:`edges_hit` entry."""
     return (f"the best {hit['name']} {hit['value']:g} sits on the {hit['side']} edge of "
             f"[{hit['range'][0]:g}, {hit['range'][1]:g}]: {hit['action']}")
+
+
+def describe_rounds(records: list[dict], prefix: str, best_key: str, objective: str) -> list[str]:
+    """Markdown lines for a search's rounds (each ``{"round", "trials", "ranges", "edges", best_key}``):
+    the ranges each searched, the best ``objective`` so far, and the edges the best sat on."""
+    lines: list[str] = []
+    for record in records:
+        ranges = ", ".join(f"{name} [{low:g}, {high:g}]" for name, (low, high) in record["ranges"].items())
+        lines += ["", f"{prefix}round {record['round']}: {record['trials']} trials over {ranges}; best {objective} so "
+                  f"far {record[best_key]:.2f}."]
+        lines += [f"- {describe_edge(hit)}." for hit in record["edges"]]
+    if records and not records[-1]["edges"]:
+        lines.append("- the best setting lies inside every range.")
+    return lines
 
 
 def extend(ranges: list[SearchRange], hits: list[dict]) -> list[SearchRange]:

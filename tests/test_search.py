@@ -3,7 +3,7 @@ hard limits, and the threshold sets the box search draws. Plain Python, no Ray."
 
 import pytest
 
-from dap_ray.search import SearchRange, describe_edge, edges_hit, extend, threshold_set
+from dap_ray.search import SearchRange, describe_edge, describe_rounds, edges_hit, extend, threshold_set
 
 NMS = SearchRange("nms_iou", 0.5, 0.9, limit_low=0.3, limit_high=1.0)
 LR = SearchRange("lr", 0.001, 0.04, limit_low=1e-5, limit_high=0.2, log=True)
@@ -80,3 +80,15 @@ def test_sweep_configs_refuse_bad_ranges_by_name():
         TuneBoxesConfig(report_fraction=1.0)
     with pytest.raises(ValueError, match="lr range"):
         TuneFinetuneConfig(lr_range=(0.0, 0.1))
+
+
+def test_rounds_read_as_markdown():
+    assert describe_rounds([], "", "best", "AP50") == []
+    hit = edges_hit([COUNT], {"threshold_count": 6}, rounds_left=1)
+    lines = describe_rounds([{"round": 1, "trials": 4, "ranges": {"threshold_count": [1, 6]}, "best": 25.0,
+                              "edges": hit},
+                             {"round": 2, "trials": 2, "ranges": {"threshold_count": [1, 10]}, "best": 26.5,
+                              "edges": []}], "K = 5, ", "best", "AP50")
+    assert lines[1] == "K = 5, round 1: 4 trials over threshold_count [1, 6]; best AP50 so far 25.00."
+    assert lines[2].endswith("edge of [1, 6]: grown for the next round.")
+    assert lines[-1] == "- the best setting lies inside every range."

@@ -258,7 +258,7 @@ def test_the_box_search_tries_the_papers_setting_first_and_reports_on_held_out_i
                    for n, (low, high) in before["ranges"].items()) and after["ranges"] != before["ranges"]
     assert all(hit["action"] for hit in summary["edges"])
     text = (tmp_path / "search" / "results.md").read_text()
-    assert "Held out of the search (6 images" in text and "Round 1: 3 trials" in text
+    assert "Held out of the search (6 images" in text and "round 1: 3 trials" in text
     best = yaml.safe_load((tmp_path / "search" / "best.yaml").read_text())
     assert set(best) == {"thresholds", "nms_iou", "preset", "size_measure"} and 1 <= len(best["thresholds"]) <= 8
     runs = mlflow_runs(f"sqlite:///{(tmp_path / 'search').resolve()}/mlflow.db", "tune_boxes")

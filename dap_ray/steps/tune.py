@@ -39,7 +39,7 @@ from typing import Literal
 
 import yaml
 
-from dap_ray.search import describe_edge, edges_hit, extend
+from dap_ray.search import describe_edge, describe_rounds, edges_hit, extend
 from dap_ray.tracking import MLFLOW_URI_HELP, check_tracking, log_step
 
 __all__ = ["DEFAULT_THRESHOLD_SETS", "TuneBoxesConfig", "TuneFinetuneConfig", "grid_tune_config", "tune_boxes",
@@ -523,13 +523,7 @@ def _write_outputs(cfg: TuneBoxesConfig, output: Path, rows: list[dict], errors:
     else:
         lines += ["", "No images were held out (--report-fraction 0): the figures above are those the setting was "
                   "selected on, so the best one's are optimistic."]
-    for record in rounds:
-        ranges = ", ".join(f"{name} [{low:g}, {high:g}]" for name, (low, high) in record["ranges"].items())
-        lines += ["", f"Round {record['round']}: {record['trials']} trials over {ranges}; best AP50 so far "
-                  f"{record['best_AP50']:.2f}."]
-        lines += [f"- {describe_edge(hit)}." for hit in record["edges"]]
-    if rounds and not rounds[-1]["edges"]:
-        lines.append("- the best setting lies inside every range.")
+    lines += describe_rounds(list(rounds), "", "best_AP50", "AP50")
     (output / "results.md").write_text("\n".join(lines) + "\n")
     _plot(rows, best, output / "sweep.png")
     summary = {"best": best, "default": default, "trials": trials, "scored": len(rows), "errors": errors,
@@ -856,13 +850,7 @@ def tune_finetune(cfg: TuneFinetuneConfig) -> dict:
                   f"{'diverged' if r['diverged'] else format(r['val_AP50'], '.2f')} | {r['iterations_run']} | "
                   f"{'yes' if r['stopped_early'] else 'no'} |" for r in rows]
         for k, records in rounds.items():
-            for record in records:
-                ranges = ", ".join(f"{name} [{low:g}, {high:g}]" for name, (low, high) in record["ranges"].items())
-                lines += ["", f"K = {k}, round {record['round']}: {record['trials']} trials over {ranges}; best "
-                          f"validation AP50 so far {record['best_val_AP50']:.2f}."]
-                lines += [f"- {describe_edge(hit)}." for hit in record["edges"]]
-            if records and not records[-1]["edges"]:
-                lines.append("- the best schedule lies inside both ranges.")
+            lines += describe_rounds(records, f"K = {k}, ", "best_val_AP50", "validation AP50")
         (output / "results.md").write_text("\n".join(lines) + "\n")
         preset = {"global_batch": base.global_batch(), "init": base.init, "seed": cfg.seed,
                   "shots": {k: {"max_iters": v["max_iters"], "lr": v["lr"]} for k, v in table.items()}}
