@@ -63,12 +63,15 @@ class Progress:
         return f"{share:.0f}%, {format_duration(self.seconds_left(done))} left"
 
     def line(self, done: int) -> str:
-        """``120/400 iterations (30%), 1.52 iterations/s, 3m 04s left`` (no share or time left
-        without a total), and the line counted as printed."""
+        """``120/400 iterations (30%), 1.52 iterations/s, 3m 04s left`` (below 0.1 a second, the
+        time per unit: ``6m 50s per trial``; no share or time left without a total), and the
+        line counted as printed."""
         self._last = self._clock()
         rate = self.rate(done)
+        pace = (f"{rate:.3g} {self.unit}/s" if rate >= 0.1 or rate <= 0 else
+                f"{format_duration(1 / rate)} per {self.unit.removesuffix('s')}")
         if self.total is None:
-            return f"{done} {self.unit}, {rate:.3g} {self.unit}/s"
+            return f"{done} {self.unit}, {pace}"
         share = 100 * done / self.total if self.total else 100.0
-        return (f"{done}/{self.total} {self.unit} ({share:.0f}%), {rate:.3g} {self.unit}/s, "
-                f"{format_duration(self.seconds_left(done))} left")
+        left = format_duration(self.seconds_left(done))
+        return f"{done}/{self.total} {self.unit} ({share:.0f}%), {pace}, {left} left"

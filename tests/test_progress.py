@@ -27,10 +27,11 @@ def test_format_duration(seconds, text):
     # A resumed run: the 200 its checkpoint held do not count towards the rate.
     (400, 200, 300, 50, "300/400 iterations (75%), 2 iterations/s, 50s left"),
     (None, 0, 30, 10, "30 iterations, 3 iterations/s"),
+    (48, 0, 2, 820, "2/48 trials (4%), 6m 50s per trial, 5h 14m left"),  # slow units: the time each takes
 ])
 def test_progress_lines(total, first, done, elapsed, line):
     clock = Clock()
-    progress = Progress(total, "iterations", done=first, every_s=20, clock=clock)
+    progress = Progress(total, "trials" if total == 48 else "iterations", done=first, every_s=20, clock=clock)
     clock.now += elapsed
     assert progress.line(done) == line
 
