@@ -49,7 +49,7 @@ def test_a_sweep_keeps_finished_trials_and_retries_lost_ones(node_cluster, tmp_p
     started = time.time()
     summary = tune_finetune(TuneFinetuneConfig(
         train=str(data / "coco" / "train.json"), train_images=str(data / "images"), init="scratch",
-        backbone="tests.factories:slow_tiny_resnet", output=str(output), shots=(2,), iterations=(8,),
+        backbone="tests.factories:slow_tiny_resnet", output=str(output), shots=(2,), search="grid", iterations=(8,),
         lrs=(0.01, 0.02, 0.03), val_images=2, evals_per_trial=1, min_sizes=(48,), max_size=96,
         roi_batch_size_per_image=16, test_proposals=50, max_concurrent_trials=1))
     losses.check()
