@@ -2,6 +2,23 @@
 
     python benchmarks/bench_gpu_mine.py [--images 2000] [--arch resnet50] [--scales 288 576]
         [--batch-sizes 64 256 1024] [--compile] [--device cuda] [--parity-only] [--out DIR]
+    python benchmarks/bench_gpu_mine.py --options [--images 2000] [--batch-sizes 256]
+    python benchmarks/bench_gpu_mine.py --cpu-mode [--sample-cache DIR]
+
+``--options`` (issue 28, with a GPU): at each batch size, for each shape policy
+(:data:`dap_ray.localisation.cam.SHAPE_POLICIES`) and each option the static shapes allow
+(``cudnn.benchmark``; ``torch.compile`` default, max-autotune, reduce-overhead (CUDA graphs);
+torch-tensorrt), the stage's and the network's images/s, the mean images per forward pass,
+and what fell back; then the parity section. Printed as ``option_<policy>_<option>`` lines.
+
+``--cpu-mode`` (issue 28, no GPU needed): what does not need a GPU. For each shape policy:
+the mean images per forward pass on ImageNet's aspect mix at batch 256 (counted from the
+photos' sizes, no network run); CorLoc of the built-in sample's pseudo boxes with the
+embedded default's classifier (trained on first use, about 4 minutes, cached); the CAMs and
+top boxes of ``buckets`` against ``exact`` on the photos (Pearson correlation per image,
+top-box IoU), ImageNet's mix and any aspect from 1:2 to 2:1; and the CPU time per image of
+everything the model actor does besides the network. Ends with one line per policy:
+``shapes=buckets images_per_forward=201.3 corloc=0.318 corloc_exact=0.320``.
 
 Photos: made from the real photographs that installed packages ship (scikit-learn,
 matplotlib, scikit-image; the sources found are listed), cropped at ImageNet's usual aspects
@@ -56,7 +73,14 @@ from dap_ray.data.device_decode import decode_on_device  # noqa: E402
 from dap_ray.data.images import decode_image  # noqa: E402
 from dap_ray.evaluation.localisation import box_iou  # noqa: E402
 from dap_ray.localisation.boxes import BoxConfig, cam_to_boxes_batch  # noqa: E402
-from dap_ray.localisation.cam import CamExtractor, resize_tensor  # noqa: E402
+from dap_ray.localisation.cam import (  # noqa: E402
+    SHAPE_POLICIES,
+    CamExtractor,
+    forward_sizes,
+    plan_shape,
+    resize_tensor,
+    resized_size,
+)
 from dap_ray.localisation.stages import EncodedCamBoxStage, decode_and_resize  # noqa: E402
 from dap_ray.models.classifiers import load_classifier  # noqa: E402
 
@@ -274,10 +298,11 @@ def parity(device: torch.device, datas: list[bytes], model: torch.nn.Module, sca
     return report
 
 
-def measure(model, datas, labels, table, batch, scales, device, config, arch) -> dict:
+def measure(model, datas, labels, table, batch, scales, device, config, arch, **options) -> dict:
     """One batch size: the stage's first pass (cuDNN choosing kernels for each new input
-    shape), then warm passes of the stage, the bare loop and the network alone."""
-    extractor = CamExtractor(model, scales=scales, device=device, batch_size=batch)
+    shape, or compilation), then warm passes of the stage, the bare loop and the network
+    alone. ``options``: :class:`CamExtractor`'s (shapes, compile, cudnn_benchmark)."""
+    extractor = CamExtractor(model, scales=scales, device=device, batch_size=batch, **options)
     sizes: list[int] = []
     forward = extractor._forward
 
@@ -303,7 +328,137 @@ def measure(model, datas, labels, table, batch, scales, device, config, arch) ->
             "stage_over_bare_loop": round(rate / bare, 3), "stage_over_network_only": round(rate / network, 3),
             "forwards_per_pass": forwards, "mean_images_per_forward": round(len(datas) * len(scales) / forwards, 1),
             "stage_cpu_ms_per_image": round(cpu * 1000, 3), "stage_process_cores_busy": round(cpu * rate, 2),
-            "boxes_per_image": round(boxes / len(datas), 2)}
+            "boxes_per_image": round(boxes / len(datas), 2), "compile": extractor.compile_mode,
+            "fell_back": extractor.compile_note}
+
+
+# The options the static shapes allow (issue 28, item 2), each as CamExtractor's arguments.
+# max-autotune last: it may spend minutes per shape choosing kernels.
+OPTIONS = {"eager": {}, "cudnn_benchmark": {"cudnn_benchmark": True}, "compile": {"compile": "default"},
+           "cuda_graphs": {"compile": "reduce-overhead"}, "tensorrt": {"compile": "tensorrt"},
+           "max_autotune": {"compile": "max-autotune"}}
+
+
+def imagenet_forwards(sizes: list[tuple[int, int]], scales: tuple[int, ...], batch: int, policy: str) -> dict:
+    """Forward passes of ``policy`` for images of ``sizes`` ((W, H)) in batches of ``batch``,
+    counted without running the network; only whole batches, as a long run has them."""
+    counts: list[int] = []
+    for start in range(0, len(sizes) - batch + 1, batch):
+        chunk = sizes[start : start + batch]
+        for scale in scales:
+            resized = [resized_size(w, h, scale)[::-1] for w, h in chunk]
+            counts += forward_sizes(resized, batch, policy=policy)
+    return {"policy": policy, "batch": batch, "images": len(sizes) // batch * batch, "forwards": len(counts),
+            "mean_images_per_forward": round(float(np.mean(counts)), 1),
+            "share_of_images_in_passes_of_128_or_more": round(sum(c for c in counts if c >= 128) / sum(counts), 3)}
+
+
+def sample_corloc(cache: str | None, policy: str) -> dict:
+    """CorLoc (and the rest of :func:`localisation_quality`) of the built-in sample's pseudo
+    boxes with the embedded default's classifier and scales, every image, under ``policy``."""
+    from dap_ray.evaluation.localisation import load_coco_boxes, localisation_quality
+    from dap_ray.steps.embedded import SAMPLE_SCALES, sample_classifier, sample_dataset
+
+    sample, run = sample_dataset(cache), sample_classifier(cache)
+    meta = json.loads((run / "meta.json").read_text())
+    model = load_classifier(meta["arch"], weights=run / "classifier.pt", num_classes=meta["num_classes"])
+    truth, sizes = load_coco_boxes(sample / "gt_boxes.json")
+    classes = (sample / "classes.txt").read_text().split()
+    keys = sorted(truth)
+    labels = [classes.index(key.split("/")[0]) for key in keys]
+    images = [decode_image((sample / "images" / key).read_bytes()) for key in keys]
+    extractor = CamExtractor(model, scales=SAMPLE_SCALES, device="cpu", batch_size=256, shapes=policy)
+    boxes = boxes_as_mined(extractor, images, labels, BoxConfig(scale=max(SAMPLE_SCALES)))
+    return {"images": len(keys), **localisation_quality(dict(zip(keys, boxes)), truth)}
+
+
+def boxes_as_mined(extractor: CamExtractor, images: list[np.ndarray], labels: list[int], config: BoxConfig) -> list:
+    """Boxes of (H, W, 3) uint8 ``images`` as the model actor draws them: from each map on the
+    grid the network saw, stretched back (:meth:`CamExtractor.from_tensors_native`)."""
+    tensors = [[resize_tensor(torch.from_numpy(image).permute(2, 0, 1), s) for s in extractor.scales]
+               for image in images]
+    cams, frames = extractor.from_tensors_native(tensors, labels)
+    return cam_to_boxes_batch(cams, [(image.shape[1], image.shape[0]) for image in images], config, frames)
+
+
+def policy_parity(model, datas: list[bytes], scales, config: BoxConfig, policy: str) -> dict:
+    """``policy``'s CAMs (on the exact path's grid) and top boxes (as mined) against the exact
+    path's, on the CPU, per image."""
+    arrays = [decode_image(d) for d in datas]
+    labels = [int(i % 1000) for i in range(len(datas))]
+    exact_extractor = CamExtractor(model, scales=scales, device="cpu", batch_size=64)
+    extractor = CamExtractor(model, scales=scales, device="cpu", batch_size=64, shapes=policy)
+    exact, other = exact_extractor(arrays, labels), extractor(arrays, labels)
+    sizes = [(a.shape[1], a.shape[0]) for a in arrays]
+    correlations = [float(np.corrcoef(a.ravel(), b.ravel())[0, 1]) for a, b in zip(exact, other)]
+    ious = [float(box_iou(a[:1], b[:1])[0, 0]) if len(a) and len(b) else 0.0
+            for (a, _), (b, _) in zip(cam_to_boxes_batch(exact, sizes, config),
+                                      boxes_as_mined(extractor, arrays, labels, config))]
+    largest = [resized_size(w, h, max(scales))[::-1] for w, h in sizes]
+    fits = [plan_shape(h, w, policy=policy)[1] == (h, w) for h, w in largest]  # padded only, not squeezed
+    return {"images": len(datas), "mean_correlation": round(float(np.mean(correlations)), 4),
+            "min_correlation": round(min(correlations), 4),
+            "top_box_iou_mean": round(float(np.mean(ious)), 4), "top_box_iou_min": round(min(ious), 4),
+            "top_box_iou_mean_padded": round(float(np.mean([i for i, f in zip(ious, fits) if f] or [np.nan])), 4),
+            "top_box_iou_mean_squeezed": round(float(np.mean([i for i, f in zip(ious, fits) if not f] or [np.nan])),
+                                               4),
+            "squeezed_images": fits.count(False)}
+
+
+def actor_cpu_besides_network(model, datas: list[bytes], scales, config: BoxConfig, arch: str, policy: str,
+                              batch: int) -> dict:
+    """CPU seconds per image the model actor's stage spends besides the network's forward
+    passes (decoding, resizing, placing, the CAMs' arithmetic, boxes, Arrow), on the CPU."""
+    stage = EncodedCamBoxStage(arch, None, 1000, scales, True, config, batch_size=batch, device="cpu")
+    stage.extractor = CamExtractor(model, scales=scales, device="cpu", batch_size=batch, shapes=policy)
+    network = [0.0]
+    features = stage.extractor._features
+
+    def timed(x):
+        start = time.process_time()
+        try:
+            return features(x)
+        finally:
+            network[0] += time.process_time() - start
+
+    stage.extractor._features = timed
+    table = records(datas)
+    stage(table.slice(0, min(batch, 8)))  # warm-up: the boxes' compiled loop, first allocations
+    network[0] = 0.0
+    start = time.process_time()
+    for i in range(0, table.num_rows, batch):
+        stage(table.slice(i, batch))
+    total = time.process_time() - start
+    return {"images": len(datas), "cpu_ms_per_image_total": round(total / len(datas) * 1000, 2),
+            "cpu_ms_per_image_network": round(network[0] / len(datas) * 1000, 2),
+            "cpu_ms_per_image_besides_network": round((total - network[0]) / len(datas) * 1000, 2)}
+
+
+def cpu_mode(args, save) -> None:
+    """Issue 28's figures that need no GPU (see the module's docstring)."""
+    scales = tuple(sorted(args.scales))
+    config = BoxConfig(scale=max(scales))
+    sources = source_photos()
+    photos = make_photos(args.images, sources)
+    sizes = [Image.open(io.BytesIO(d)).size for d in photos]
+    forwards = {policy: imagenet_forwards(sizes, scales, 256, policy) for policy in SHAPE_POLICIES}
+    save("forwards", forwards)
+    corloc = {policy: sample_corloc(args.sample_cache, policy) for policy in SHAPE_POLICIES}
+    save("sample_corloc", corloc)
+    torch.manual_seed(0)
+    model = load_classifier(args.arch, None, num_classes=1000)
+    count = args.parity_images
+    mixed = make_photos(count, sources, "mixed")
+    save("photo_parity", {"imagenet_mix": policy_parity(model, photos[:count], scales, config, "buckets"),
+                          "any_aspect": policy_parity(model, mixed, scales, config, "buckets"),
+                          "classifier": f"{args.arch}, random weights (seeded)"})
+    cpu = {policy: actor_cpu_besides_network(model, photos[:count], scales, config, args.arch, policy, count)
+           for policy in SHAPE_POLICIES}
+    save("actor_cpu", cpu)
+    for policy in SHAPE_POLICIES:
+        print(f"shapes={policy} images_per_forward={forwards[policy]['mean_images_per_forward']}"
+              f" corloc={corloc[policy]['corloc']:.3f} corloc_exact={corloc['exact']['corloc']:.3f}"
+              f" cpu_ms_besides_network={cpu[policy]['cpu_ms_per_image_besides_network']}")
 
 
 def main() -> None:
@@ -313,15 +468,26 @@ def main() -> None:
     parser.add_argument("--scales", type=int, nargs="+", default=[288, 576])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--compile", action="store_true", help="also time torch.compile's CAM network")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="default: cuda when available (cpu with --cpu-mode)")
     parser.add_argument("--parity-images", type=int, default=16)
     parser.add_argument("--parity-only", action="store_true", help="only the photos and section 4")
     parser.add_argument("--compile-after-s", type=float, default=420,
                         help="skip the compiled run when the others took longer than this")
     parser.add_argument("--out", default=os.environ.get("OUT") or tempfile.gettempdir())
+    parser.add_argument("--cpu-mode", action="store_true",
+                        help="only what needs no GPU: forwards per shape policy, parity, the actor's CPU time")
+    parser.add_argument("--sample-cache", default=None,
+                        help="--cpu-mode: the embedded default's cache (default: $DAP_RAY_CACHE or ~/.cache/dap_ray)")
+    parser.add_argument("--options", action="store_true",
+                        help="each shape policy with each option of OPTIONS at each batch size, then parity")
+    parser.add_argument("--options-budget-s", type=float, default=420,
+                        help="--options: skip the options left once this many seconds have passed")
     args = parser.parse_args()
+    if args.cpu_mode and args.device not in (None, "cpu"):
+        parser.error("--cpu-mode runs on the CPU; leave --device out or give --device cpu")
     began = time.perf_counter()
     scales = tuple(sorted(args.scales))
+    args.device = args.device or ("cuda" if torch.cuda.is_available() and not args.cpu_mode else "cpu")
     device = torch.device(args.device)
     config = BoxConfig(scale=max(scales))
     results: dict = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "torch": torch.__version__,
@@ -337,6 +503,10 @@ def main() -> None:
 
     import torchvision
     results["torchvision"] = torchvision.__version__
+    if args.cpu_mode:
+        cpu_mode(args, save)
+        print(f"results: {out_path}")
+        return
     sources = source_photos()
     start = time.perf_counter()
     datas = make_photos(args.images, sources)
@@ -367,6 +537,21 @@ def main() -> None:
     model = load_classifier(args.arch, None, num_classes=1000)
     labels = [i % 1000 for i in range(len(datas))]
     table = records(datas, labels)
+    if args.options:
+        for batch in args.batch_sizes:
+            for policy in SHAPE_POLICIES:
+                for name, options in OPTIONS.items():
+                    if policy == "exact" and name != "eager":
+                        continue  # the options are for static shapes; exact's many shapes recompile each
+                    key = f"option_{policy}_{name}_batch_{batch}"
+                    if time.perf_counter() - began > args.options_budget_s:
+                        save(key, f"skipped: {time.perf_counter() - began:.0f} s had passed (--options-budget-s)")
+                        continue
+                    save(key, measure(model, datas, labels, table, batch, scales, device, config, args.arch,
+                                      shapes=policy, **options))
+        save("parity", parity(device, datas[: args.parity_images], model, scales, config))
+        print(f"results: {out_path}")
+        return
     speed: dict = {}
     for batch in args.batch_sizes:
         speed[batch] = measure(model, datas, labels, table, batch, scales, device, config, args.arch)

@@ -388,3 +388,28 @@ def test_importing_the_boxes_module_leaves_numba_for_the_first_boxes():
               "assert 'numba' not in sys.modules, 'numba imported'\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("frames", "expected_x_scale"),
+    [([], None), ([(1.0, 1.0)], 1.0), ([(0.5, 1.0)], 2.0), ([(0.8, 1.0)], 1.25)],
+)
+def test_boxes_of_a_squeezed_map_are_stretched_back(frames, expected_x_scale):
+    cam = np.zeros((6, 8), np.float32)
+    cam[1:5, 2:6] = 1.0
+    if not frames:
+        assert cam_to_boxes_batch([], [], BoxConfig(scale=192), frames=frames) == []
+        return
+    fx = frames[0][0]
+    (got, got_scores), = cam_to_boxes_batch([cam], [(256, 192)], BoxConfig(scale=192), frames=frames)
+    (squeezed, scores), = cam_to_boxes_batch([cam], [(256 * fx, 192)], BoxConfig(scale=192))
+    assert got.dtype == np.float32 and got.shape == squeezed.shape and len(got) >= 1
+    np.testing.assert_allclose(got[:, [0, 2]], squeezed[:, [0, 2]] * expected_x_scale, rtol=1e-6)
+    np.testing.assert_allclose(got[:, [1, 3]], squeezed[:, [1, 3]], rtol=1e-6)
+    np.testing.assert_array_equal(got_scores, scores)
+
+
+@pytest.mark.parametrize("frames", [[(0.0, 1.0)], [(1.5, 1.0)], [(np.nan, 1.0)], [(1.0, 1.0), (1.0, 1.0)]])
+def test_bad_frames_are_a_clear_value_error(frames):
+    with pytest.raises(ValueError, match=r"frames must be 1 \(fx, fy\) pairs in \(0, 1\]"):
+        cam_to_boxes_batch([np.ones((2, 2), np.float32)], [(64, 64)], BoxConfig(scale=64), frames=frames)

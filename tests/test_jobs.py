@@ -39,6 +39,7 @@ def written_ids(output):
     return [i for f in files for i in pq.read_table(f, columns=["image_id"]).column(0).to_pylist()]
 
 
+@pytest.mark.resume
 def test_mine_job_killed_then_rerun_resumes_and_writes_each_image_once(dataset, tmp_path):
     output = tmp_path / "out"
     command = [sys.executable, *mine_args(dataset, output, "--classifier", "tests.factories:slow_tiny_resnet")]

@@ -22,6 +22,7 @@ from dap_ray.steps.mine import (
     GPU_BATCH_SIZE,
     MineConfig,
     actor_pool_sizes,
+    actor_shapes,
     pool_problem,
     resolve_actor_pool,
 )
@@ -67,6 +68,24 @@ def test_constant_cam_is_an_error_row(tmp_path, rng, tiny_model):
     stage = CamBoxStage("tests.factories:tiny_resnet", str(tmp_path / "w.pt"), 5, SCALES, True, BoxConfig(scale=64), 4)
     out = stage(decode_and_resize(records({"x.png": encode(photo(rng, 40, 40))}), SCALES)).to_pydict()
     assert out["error"] == ["constant class activation map: nothing to localise"] and out["boxes"] == [[]]
+
+
+def test_the_stage_passes_its_shape_and_compile_options_on(tmp_path, rng, tiny_model, capsys):
+    torch.save(tiny_model.state_dict(), tmp_path / "w.pt")
+    stage = CamBoxStage("tests.factories:tiny_resnet", str(tmp_path / "w.pt"), 5, SCALES, True, BoxConfig(scale=64),
+                        batch_size=8, device="cpu", shapes="buckets", forward_images=3, compile="reduce-overhead")
+    extractor = stage.extractor
+    assert (extractor.shapes, extractor.batch_size, extractor.compile_mode) == ("buckets", 3, "off")
+    assert "warning: compile=reduce-overhead (CUDA graphs) needs CUDA" in capsys.readouterr().out
+    files = {f"{i}.jpg": encode(photo(rng, 60, 60 + 20 * i), "JPEG") for i in range(4)}
+    out = stage(decode_and_resize(records(files), SCALES)).to_pydict()
+    assert out["error"] == [""] * 4 and all(len(b) >= 1 for b in out["boxes"])
+
+
+@pytest.mark.parametrize(("shapes", "on_gpu", "expected"), [
+    ("auto", False, "exact"), ("auto", True, "buckets"), ("exact", True, "exact"), ("buckets", False, "buckets")])
+def test_auto_shapes_are_buckets_on_gpus_and_exact_on_cpu(shapes, on_gpu, expected):
+    assert actor_shapes(shapes, on_gpu) == expected
 
 
 def test_huge_images_and_unknown_labels_are_errors(rng, stage):

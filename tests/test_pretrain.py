@@ -33,6 +33,7 @@ def in_format(pseudo_run, fmt, root):
     return boxes, sample, weights
 
 
+@pytest.mark.resume
 def test_two_workers_pretrain_die_and_a_rerun_resumes_from_the_checkpoint(pseudo_run, ray_session, tmp_path, capfd):
     from dap_ray.steps.ray_setup import TrainingFailedError
     from tests.factories import FAIL_AT_STEP_THREE_MARKER

@@ -166,6 +166,7 @@ def terminated_trial_ids(output: Path) -> set[str]:
     return {state["trial_id"] for state in recorded if state["status"] == "TERMINATED"}
 
 
+@pytest.mark.resume
 def test_a_killed_sweep_resumes_without_redoing_finished_trials(sweep_inputs, tmp_path):
     sample, weights = sweep_inputs
     output = tmp_path / "sweep"

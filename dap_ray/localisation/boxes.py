@@ -172,6 +172,7 @@ def cam_to_boxes_batch(
     cams: Sequence[np.ndarray],
     image_sizes: Sequence[tuple[int, int]],
     config: BoxConfig = BoxConfig(),
+    frames: np.ndarray | Sequence[tuple[float, float]] | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """:func:`cam_to_boxes` for many maps (of any shapes) at once; same results, much faster.
 
@@ -179,6 +180,10 @@ def cam_to_boxes_batch(
         cams: B float (h_i, w_i) maps.
         image_sizes: B ``(W, H)`` original image sizes.
         config: how to make boxes (see :class:`BoxConfig`).
+        frames: B ``(fx, fy)`` in (0, 1], or None (all ones): map i covers image i squeezed to
+            ``fx`` of its width and ``fy`` of its height
+            (:meth:`dap_ray.localisation.cam.CamExtractor.from_tensors_native`). Its boxes are
+            drawn on the squeezed image, then stretched back to the original's pixels.
 
     Returns:
         B ``(boxes, scores)`` pairs as :func:`cam_to_boxes` returns them.
@@ -187,7 +192,19 @@ def cam_to_boxes_batch(
         raise ValueError(f"got {len(cams)} cams but {len(image_sizes)} image sizes")
     maps = [_as_map(cam, f"cams[{i}]") for i, cam in enumerate(cams)]
     values = _joined(maps, "cams[{}]")
-    return _boxes_for_maps(maps, values, _as_sizes(image_sizes, "image_sizes"), config)
+    sizes = _as_sizes(image_sizes, "image_sizes")
+    if frames is None:
+        return _boxes_for_maps(maps, values, sizes, config)
+    factors = np.asarray(frames, dtype=np.float64).reshape(-1, 2) if len(frames) else np.ones((0, 2))
+    if factors.shape != sizes.shape or not (np.isfinite(factors).all() and (factors > 0).all()
+                                            and (factors <= 1).all()):
+        raise ValueError(f"frames must be {len(sizes)} (fx, fy) pairs in (0, 1], got {np.asarray(frames).tolist()}")
+    stretched = []
+    for (boxes, scores), (fx, fy) in zip(_boxes_for_maps(maps, values, sizes * factors, config), factors):
+        if fx != 1.0 or fy != 1.0:
+            boxes = (boxes / np.array([fx, fy, fx, fy])).astype(np.float32)
+        stretched.append((boxes, scores))
+    return stretched
 
 
 def _as_map(cam: object, name: str) -> np.ndarray:

@@ -31,12 +31,16 @@ import pyarrow.parquet as pq
 from dap_ray.data.images import MAX_IMAGE_PIXELS, BadImageError, decode_image
 from dap_ray.localisation.boxes import BoxConfig, cam_to_boxes_batch
 
+# Images per forward pass on a GPU (each with its mirror) per 16 GiB of its memory: 64 at
+# 576 x 768 hold about 5 GB of ResNet-50 activations in bf16, so 16 GB cards take them and an
+# 80 GB card a whole batch of 256.
+GPU_FORWARD_IMAGES_PER_16_GIB = 64
 # Smaller images hold nothing a stride-32 CAM can localise.
 MIN_IMAGE_SIDE = 8
 
-__all__ = ["BOXES_SCHEMA", "ERRORS_SCHEMA", "MIN_IMAGE_SIDE", "SHARDS_KEY", "CamBoxStage", "EncodedCamBoxStage",
-           "Progress", "decode_and_resize", "drop_retryable_errors", "plan_resume", "read_done_ids", "read_progress",
-           "write_results"]
+__all__ = ["BOXES_SCHEMA", "ERRORS_SCHEMA", "GPU_FORWARD_IMAGES_PER_16_GIB", "MIN_IMAGE_SIDE", "SHARDS_KEY",
+           "CamBoxStage", "EncodedCamBoxStage", "Progress", "decode_and_resize", "drop_retryable_errors",
+           "gpu_forward_images", "plan_resume", "read_done_ids", "read_progress", "write_results"]
 
 BOXES_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("label", pa.int32()), ("width", pa.int32()), ("height", pa.int32()),
@@ -101,6 +105,17 @@ def _provenance(rows: dict) -> dict:
     return {key: rows[key] for key in ("shard", "shard_total") if key in rows}
 
 
+def gpu_forward_images(device: str | None, batch_size: int) -> int:
+    """Images per forward pass for a model actor on ``device``: ``batch_size`` on a CPU; on a GPU
+    :data:`GPU_FORWARD_IMAGES_PER_16_GIB` per 16 GiB of its memory, at most ``batch_size``."""
+    import torch
+
+    if device is None or not str(device).startswith("cuda") or not torch.cuda.is_available():
+        return batch_size
+    memory = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return max(1, min(batch_size, int(memory / 2**30 / 16 * GPU_FORWARD_IMAGES_PER_16_GIB)))
+
+
 class CamBoxStage:
     """Model-holding stage: loads the classifier once, then CAMs and boxes for each batch.
 
@@ -111,7 +126,8 @@ class CamBoxStage:
 
     def __init__(self, classifier: str, weights: str | None, num_classes: int | None, scales: tuple[int, ...],
                  flip: bool, box_config: BoxConfig, batch_size: int, device: str | None = None,
-                 torch_threads: int | None = None, compile: bool = False):
+                 torch_threads: int | None = None, compile: bool | str = False, shapes: str = "exact",
+                 forward_images: int | None = None, cudnn_benchmark: bool = False):
         import torch
 
         from dap_ray.localisation.cam import CamExtractor
@@ -120,8 +136,11 @@ class CamBoxStage:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         model = load_classifier(classifier, weights, num_classes=num_classes)
-        self.extractor = CamExtractor(model, scales=scales, flip=flip, device=device, batch_size=batch_size,
-                                      compile=compile)
+        self.extractor = CamExtractor(model, scales=scales, flip=flip, device=device,
+                                      batch_size=forward_images or gpu_forward_images(device, batch_size),
+                                      shapes=shapes, compile=compile, cudnn_benchmark=cudnn_benchmark)
+        if self.extractor.compile_note:
+            print(f"warning: {self.extractor.compile_note}", flush=True)
         self.box_config = box_config
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -150,11 +169,11 @@ class CamBoxStage:
         """Output rows for a batch whose images ``good`` (no error) are ``resized``:
         ``resized[k][j]``, image ``good[k]`` at scale j, a (3, h, w) uint8 tensor."""
         n = len(errors)
-        cams = self.extractor.from_tensors(resized, [rows["label"][i] for i in good]) if good else []
+        cams, frames = self.extractor.from_tensors_native(resized, [rows["label"][i] for i in good])
         sizes = [(rows["width"][i], rows["height"][i]) for i in good]
         boxes: list = [[] for _ in range(n)]
         scores: list = [[] for _ in range(n)]
-        for i, cam, (b, s) in zip(good, cams, cam_to_boxes_batch(cams, sizes, self.box_config)):
+        for i, cam, (b, s) in zip(good, cams, cam_to_boxes_batch(cams, sizes, self.box_config, frames)):
             if not cam.any():
                 errors[i] = "constant class activation map: nothing to localise"
                 continue

@@ -31,6 +31,7 @@ from dap_ray.data.images import classifier_classes, first_class_difference, read
 from dap_ray.data.sources import check_input, list_shards, read_shard
 from dap_ray.localisation.boxes import BoxConfig
 from dap_ray.localisation.stages import (
+    GPU_FORWARD_IMAGES_PER_16_GIB,
     CamBoxStage,
     EncodedCamBoxStage,
     decode_and_resize,
@@ -43,7 +44,7 @@ from dap_ray.progress import Progress
 from dap_ray.runs import open_run, settings_differ
 from dap_ray.steps.ray_setup import check_device, computes_on_gpu, init_ray, map_on_ray
 
-__all__ = ["CPU_BATCH_SIZE", "GPU_BATCH_SIZE", "GPU_FORWARD_IMAGES", "MAX_CPU_ACTORS", "MineConfig", "actor_pool_sizes",
+__all__ = ["CPU_BATCH_SIZE", "GPU_BATCH_SIZE", "MAX_CPU_ACTORS", "MineConfig", "actor_pool_sizes", "actor_shapes",
            "mine", "pool_problem", "resolve_actor_pool"]
 
 # CPU pools: on 2 cores two one-thread actors mine about 15% faster than one actor on both
@@ -55,10 +56,6 @@ MAX_CPU_ACTORS = 2
 # only the images of one padded shape, 18 on average at 256 and 8 at 64.
 CPU_BATCH_SIZE = 32
 GPU_BATCH_SIZE = 256
-# Images per forward pass on a GPU, at most (each with its mirror): 64 at 576 x 768 hold about
-# 5 GB of ResNet-50 activations in bf16, so 16 GB cards take them; a whole Ray batch of 256 of one
-# shape (ImageNet's 500 x 375, or resized data) would want about 20 GB.
-GPU_FORWARD_IMAGES = 64
 
 
 @dataclass(frozen=True)
@@ -92,9 +89,25 @@ class MineConfig:
         "help": "where images are decoded and resized: tasks (CPU tasks send the model actors pixels), actors (the "
                 "encoded bytes travel to the model actors, which decode on their device: JPEGs with nvJPEG on GPUs); "
                 "auto: actors with GPUs, tasks on CPU"})
+    shapes: Literal["auto", "exact", "buckets"] = field(default="auto", metadata={
+        "help": "how images share a forward pass: exact (each padded shape its own pass, the authors' "
+                "one-image-at-a-time CAMs) or buckets (landscape and portrait 4:3 shapes per scale: an image is "
+                "padded, or squeezed when more elongated, its CAM taken on its own cells and its boxes stretched "
+                "back; 128 images per pass at batch 256 on ImageNet's aspects against 18, CorLoc on the sample "
+                "within 0.002: docs/mining.md); auto: buckets with GPUs, exact on CPU (where fuller passes gain "
+                "nothing and padding costs)"})
+    forward_images: int | None = field(default=None, metadata={
+        "help": "images per forward pass at most, each with its mirror (default: the batch on CPU; on a GPU "
+                f"{GPU_FORWARD_IMAGES_PER_16_GIB} per 16 GiB of its memory)"})
     compile: bool = field(default=False, metadata={
         "help": "torch.compile the CAM network in each model actor (the first batches compile, about a minute on "
-                "an H200, then 1.1x there: benchmarks/bench_gpu_mine.py)"})
+                "an H200, then 1.1x there: benchmarks/bench_gpu_mine.py); best with --shapes buckets"})
+    compile_mode: Literal["default", "max-autotune", "reduce-overhead", "tensorrt"] = field(
+        default="default", metadata={
+            "help": "with --compile: torch.compile's mode (reduce-overhead: CUDA graphs) or torch-tensorrt's backend; "
+                    "one that cannot run on the actor's device falls back to eager, with a warning in its log"})
+    cudnn_benchmark: bool = field(default=False, metadata={
+        "help": "let cuDNN time its kernels for each new input shape (pays with --shapes buckets)"})
     num_gpus_per_actor: float = field(default=0.0, metadata={"help": "GPUs per model actor (0: CPU actors)"})
     device: Literal["auto", "cuda", "cpu"] = field(default="auto", metadata={
         "help": "where the model actors compute: auto: cuda when they hold GPUs (a GPU node without a working driver "
@@ -131,7 +144,7 @@ class MineConfig:
             raise ValueError(f"cpus_per_actor must be at least 0, got {self.cpus_per_actor}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch_threads must be at least 1, got {self.torch_threads}")
-        for name in ("batch_size", "shard_size", "rows_per_file"):
+        for name in ("batch_size", "shard_size", "rows_per_file", "forward_images"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         check_device(self.device, self.num_gpus_per_actor > 0, "--num-gpus-per-actor above 0")
@@ -175,6 +188,15 @@ def resolve_actor_pool(cfg: MineConfig, node_cpus: int, shards: int | None = Non
     threads = cfg.torch_threads or max(1, node_cpus // actors[1])
     return replace(cfg, actors=tuple(actors), cpus_per_actor=cpus, torch_threads=threads,
                    batch_size=cfg.batch_size or CPU_BATCH_SIZE)
+
+
+def actor_shapes(shapes: str, on_gpu: bool) -> str:
+    """The model actors' shape policy for ``--shapes``: ``auto`` is ``buckets`` for actors that
+    hold GPUs (fuller forward passes) and ``exact`` on CPU (where they gain nothing and padding
+    costs)."""
+    if shapes != "auto":
+        return shapes
+    return "buckets" if on_gpu else "exact"
 
 
 def actor_pool_sizes(cfg: MineConfig) -> tuple[int, int | None]:
@@ -329,9 +351,11 @@ def _mine(cfg: MineConfig, output: Path) -> dict:
             num_cpus=cfg.cpus_per_actor,
             fn_constructor_kwargs=dict(classifier=cfg.classifier, weights=cfg.weights, num_classes=num_classes,
                                        scales=scales, flip=cfg.flip, box_config=cfg.box_config(),
-                                       batch_size=min(cfg.batch_size, GPU_FORWARD_IMAGES) if on_gpu
-                                       else cfg.batch_size, device=device,
-                                       torch_threads=cfg.torch_threads, compile=cfg.compile),
+                                       batch_size=cfg.batch_size, forward_images=cfg.forward_images,
+                                       device=device, torch_threads=cfg.torch_threads,
+                                       shapes=actor_shapes(cfg.shapes, on_gpu),
+                                       compile=cfg.compile_mode if cfg.compile else "off",
+                                       cudnn_benchmark=cfg.cudnn_benchmark),
         )  # Ray Data's actor pools restart a dead actor and retry its batches (max_restarts=-1 by default).
         # Rows reach the writer small (ids and boxes): bundling rows_per_file of them per file keeps
         # a 14M-image output to about a thousand files, each written whole.
