@@ -368,8 +368,15 @@ def sample_corloc(cache: str | None, policy: str) -> dict:
     labels = [classes.index(key.split("/")[0]) for key in keys]
     images = [decode_image((sample / "images" / key).read_bytes()) for key in keys]
     extractor = CamExtractor(model, scales=SAMPLE_SCALES, device="cpu", batch_size=256, shapes=policy)
-    boxes = boxes_as_mined(extractor, images, labels, BoxConfig(scale=max(SAMPLE_SCALES)))
-    return {"images": len(keys), **localisation_quality(dict(zip(keys, boxes)), truth)}
+    boxes = dict(zip(keys, boxes_as_mined(extractor, images, labels, BoxConfig(scale=max(SAMPLE_SCALES)))))
+    by_aspect: dict[str, list[str]] = {}
+    for key, image in zip(keys, images):
+        height, width = image.shape[:2]
+        by_aspect.setdefault(f"{width / height:.2f}", []).append(key)
+    corloc_by_aspect = {aspect: round(localisation_quality({k: boxes[k] for k in members},
+                                                           {k: truth[k] for k in members})["corloc"], 4)
+                        for aspect, members in sorted(by_aspect.items())}
+    return {"images": len(keys), **localisation_quality(boxes, truth), "corloc_by_aspect_w_over_h": corloc_by_aspect}
 
 
 def boxes_as_mined(extractor: CamExtractor, images: list[np.ndarray], labels: list[int], config: BoxConfig) -> list:
@@ -547,8 +554,13 @@ def main() -> None:
                     if time.perf_counter() - began > args.options_budget_s:
                         save(key, f"skipped: {time.perf_counter() - began:.0f} s had passed (--options-budget-s)")
                         continue
-                    save(key, measure(model, datas, labels, table, batch, scales, device, config, args.arch,
-                                      shapes=policy, **options))
+                    benchmark = torch.backends.cudnn.benchmark
+                    try:
+                        save(key, measure(model, datas, labels, table, batch, scales, device, config, args.arch,
+                                          shapes=policy, **options))
+                    finally:  # each option alone: no autotuner left on, no compiled graphs kept
+                        torch.backends.cudnn.benchmark = benchmark
+                        torch._dynamo.reset()
         save("parity", parity(device, datas[: args.parity_images], model, scales, config))
         print(f"results: {out_path}")
         return

@@ -413,3 +413,10 @@ def test_boxes_of_a_squeezed_map_are_stretched_back(frames, expected_x_scale):
 def test_bad_frames_are_a_clear_value_error(frames):
     with pytest.raises(ValueError, match=r"frames must be 1 \(fx, fy\) pairs in \(0, 1\]"):
         cam_to_boxes_batch([np.ones((2, 2), np.float32)], [(64, 64)], BoxConfig(scale=64), frames=frames)
+
+
+def test_a_stretched_box_on_the_squeezed_images_edge_reaches_the_originals_edge():
+    cam = np.zeros((6, 8), np.float32)
+    cam[1:5, 4:] = 1.0  # a component up to the map's right edge
+    (boxes, _), = cam_to_boxes_batch([cam], [(300, 192)], BoxConfig(scale=192), frames=[(0.8, 1.0)])
+    assert boxes[0, 2] == 299.0 and boxes[0, 0] < 299.0

@@ -240,7 +240,8 @@ def test_a_compiler_failure_falls_back_to_eager_once(rng, tiny_model, monkeypatc
     monkeypatch.setattr(torch, "compile", lambda function, **kwargs: failing)
     images = [photo_like(rng, 75, 100), photo_like(rng, 60, 60)]
     extractor = CamExtractor(tiny_model, scales=SMALL_SCALES, device="cpu", shapes="buckets", compile=True)
-    cams = extractor(images, [1, 2])
+    with pytest.warns(RuntimeWarning, match="running eagerly"):
+        cams = extractor(images, [1, 2])
     assert len(calls) == 1 and extractor.compile_mode == "off"
     assert "compile=default failed (BackendCompilerFailed: backend='inductor'" in extractor.compile_note
     eager = CamExtractor(tiny_model, scales=SMALL_SCALES, device="cpu", shapes="buckets")(images, [1, 2])

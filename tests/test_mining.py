@@ -312,3 +312,23 @@ def test_a_refused_rerun_leaves_the_runs_class_names_as_they_were(tmp_path):
     with pytest.raises(ValueError, match="other settings"):
         mine(MineConfig(input=str(tmp_path / "images"), output=str(output), weights=str(tmp_path / "new" / "classifier.pt")))
     assert (output / "classes.txt").read_text() == "a\nb\n"
+
+
+def test_a_run_from_before_shape_policies_counts_as_exact_and_a_buckets_rerun_is_refused(tmp_path):
+    import yaml
+
+    from dap_ray.config import config_to_dict
+    from dap_ray.steps.mine import mine
+
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    output = tmp_path / "out"
+    write_results(pa.table({"image_id": ["a/1.jpg"], "label": [0], "width": [8], "height": [8],
+                            "boxes": [[[0.0, 0.0, 4.0, 4.0]]], "scores": [[1.0]], "error": [""]}), str(output))
+    (tmp_path / "classes.txt").write_text("a\n")
+    earlier = config_to_dict(MineConfig(input=str(tmp_path / "images"), output=str(output),
+                                        class_map=str(tmp_path / "classes.txt")))
+    del earlier["shapes"]
+    (output / "config.yaml").write_text(yaml.safe_dump(earlier))
+    with pytest.raises(ValueError, match=r"other settings \(shapes: 'exact' then, 'buckets' now\)"):
+        mine(MineConfig(input=str(tmp_path / "images"), output=str(output), class_map=str(tmp_path / "classes.txt"),
+                        shapes="buckets"))

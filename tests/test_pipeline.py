@@ -173,7 +173,8 @@ def test_tar_and_parquet_inputs_give_the_folder_boxes(folder_run, dataset, tmp_p
         np.testing.assert_allclose(pq_rows[f"part-0.parquet::{k}"]["boxes"], expected[image_id]["boxes"], atol=1e-3)
 
 
-@pytest.mark.parametrize("change", [dict(scales=(48, 96)), dict(preset="paper"), dict(weights="other")])
+@pytest.mark.parametrize("change", [dict(scales=(48, 96)), dict(preset="paper"), dict(weights="other"),
+                                    dict(shapes="buckets")])
 def test_a_rerun_with_other_box_settings_is_refused_before_mixing_two_runs(folder_run, dataset, tmp_path, change):
     """6 images mined with one classifier and scales, then a rerun with others, used to end as 12
     images reported under the second's settings."""

@@ -202,7 +202,11 @@ def cam_to_boxes_batch(
     stretched = []
     for (boxes, scores), (fx, fy) in zip(_boxes_for_maps(maps, values, sizes * factors, config), factors):
         if fx != 1.0 or fy != 1.0:
-            boxes = (boxes / np.array([fx, fy, fx, fy])).astype(np.float32)
+            width, height = sizes[len(stretched)]
+            far = np.array([width, height, width, height]) - 1
+            # A side clipped to the squeezed image's last pixel goes to the original's last pixel.
+            clipped = boxes >= np.array([width * fx, height * fy, width * fx, height * fy]) - 1
+            boxes = np.where(clipped, far, np.minimum(boxes / np.array([fx, fy, fx, fy]), far)).astype(np.float32)
         stretched.append((boxes, scores))
     return stretched
 

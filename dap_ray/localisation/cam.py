@@ -26,7 +26,7 @@ Batching, two shape policies (:data:`SHAPE_POLICIES`):
   (:meth:`CamExtractor.from_tensors_native`, with its frame), and its boxes are drawn there
   and stretched back (``frames`` of :func:`dap_ray.localisation.boxes.cam_to_boxes_batch`):
   resampling the coarse map onto the exact grid first cost CorLoc on the built-in sample's
-  3:2 images (0.221 against 0.244; stretched boxes 0.251).
+  3:2 images (0.221 against the exact path's 0.244; stretched boxes 0.261: docs/mining.md).
   :func:`plan_shape` says where an image goes; :func:`forward_sizes` counts the passes.
 """
 
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections import defaultdict
 from typing import Sequence
 
@@ -241,8 +242,7 @@ class CamExtractor:
         for i, (fx, fy) in enumerate(frames):
             if fx != 1.0 or fy != 1.0:
                 height, width = (int(v) for v in resized[i][-1].shape[1:])
-                grid = (-(-height // self.stride), -(-width // self.stride))
-                cams[i] = _resampled(cams[i], grid)
+                cams[i] = _onto_exact_grid(cams[i], (height, width), (fy, fx), self.stride)
         return cams
 
     def from_tensors_native(self, resized: Sequence[Sequence[torch.Tensor]],
@@ -357,6 +357,7 @@ class CamExtractor:
             self.compile_note = (f"compile={self.compile_mode} failed ({type(exc).__name__}: "
                                  f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); running eagerly")
             self.compile_mode, self._features = "off", self._eager
+            warnings.warn(self.compile_note, RuntimeWarning, stacklevel=2)  # reaches the model actor's log
             return self._run_features(batch)
 
 
@@ -375,6 +376,11 @@ def _compile_mode(mode: str, on_cuda: bool) -> tuple[str, str]:
 
 
 def _compiled(function, mode: str):
+    # Buckets give each scale 2 shapes per bucket aspect, each met at up to batch_size / 32 batch
+    # sizes; past dynamo's recompile limit (8) new shapes would run eagerly without a word.
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     if mode == "tensorrt":
         return torch.compile(function, backend="torch_tensorrt", dynamic=False)
     return torch.compile(function, mode=None if mode == "default" else mode, dynamic=False)
@@ -390,10 +396,17 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def _resampled(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """``cam`` brought onto ``shape`` by bilinear interpolation (half-pixel centres)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(cam))[None, None]
-    return F.interpolate(tensor, size=shape, mode="bilinear", align_corners=False)[0, 0].numpy()
+def _onto_exact_grid(cam: np.ndarray, size: tuple[int, int], frame: tuple[float, float], stride: int) -> np.ndarray:
+    """A squeezed image's map (cells of ``stride`` squeezed pixels) sampled bilinearly at the
+    centres of the exact path's cells for the image of ``size`` (h, w) pixels at the largest
+    scale (cells of ``stride`` pixels, the last reaching into the padding); ``frame`` is
+    (fy, fx), the squeeze along rows and columns."""
+    out = np.asarray(cam, np.float32)
+    for axis, (length, share) in enumerate(zip(size, frame)):
+        centres = (np.arange(-(-length // stride)) + 0.5) * share - 0.5  # in the squeezed map's cells
+        line = np.arange(out.shape[axis])
+        out = np.apply_along_axis(lambda values, at=centres, cells=line: np.interp(at, cells, values), axis, out)
+    return out.astype(np.float32)
 
 
 def _nearest(cam: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:

@@ -105,14 +105,15 @@ def _provenance(rows: dict) -> dict:
     return {key: rows[key] for key in ("shard", "shard_total") if key in rows}
 
 
-def gpu_forward_images(device: str | None, batch_size: int) -> int:
+def gpu_forward_images(device: str | None, batch_size: int, gpu_share: float = 1.0) -> int:
     """Images per forward pass for a model actor on ``device``: ``batch_size`` on a CPU; on a GPU
-    :data:`GPU_FORWARD_IMAGES_PER_16_GIB` per 16 GiB of its memory, at most ``batch_size``."""
+    :data:`GPU_FORWARD_IMAGES_PER_16_GIB` per 16 GiB of its memory times the share of the GPU
+    the actor holds (``--num-gpus-per-actor``, at most 1), at most ``batch_size``."""
     import torch
 
     if device is None or not str(device).startswith("cuda") or not torch.cuda.is_available():
         return batch_size
-    memory = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    memory = torch.cuda.get_device_properties(torch.device(device)).total_memory * min(1.0, gpu_share)
     return max(1, min(batch_size, int(memory / 2**30 / 16 * GPU_FORWARD_IMAGES_PER_16_GIB)))
 
 
@@ -127,7 +128,7 @@ class CamBoxStage:
     def __init__(self, classifier: str, weights: str | None, num_classes: int | None, scales: tuple[int, ...],
                  flip: bool, box_config: BoxConfig, batch_size: int, device: str | None = None,
                  torch_threads: int | None = None, compile: bool | str = False, shapes: str = "exact",
-                 forward_images: int | None = None, cudnn_benchmark: bool = False):
+                 forward_images: int | None = None, cudnn_benchmark: bool = False, gpu_share: float = 1.0):
         import torch
 
         from dap_ray.localisation.cam import CamExtractor
@@ -137,7 +138,7 @@ class CamBoxStage:
             torch.set_num_threads(torch_threads)
         model = load_classifier(classifier, weights, num_classes=num_classes)
         self.extractor = CamExtractor(model, scales=scales, flip=flip, device=device,
-                                      batch_size=forward_images or gpu_forward_images(device, batch_size),
+                                      batch_size=forward_images or gpu_forward_images(device, batch_size, gpu_share),
                                       shapes=shapes, compile=compile, cudnn_benchmark=cudnn_benchmark)
         if self.extractor.compile_note:
             print(f"warning: {self.extractor.compile_note}", flush=True)

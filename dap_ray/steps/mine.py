@@ -192,8 +192,8 @@ def resolve_actor_pool(cfg: MineConfig, node_cpus: int, shards: int | None = Non
 
 def actor_shapes(shapes: str, on_gpu: bool) -> str:
     """The model actors' shape policy for ``--shapes``: ``auto`` is ``buckets`` for actors that
-    hold GPUs (fuller forward passes) and ``exact`` on CPU (where they gain nothing and padding
-    costs)."""
+    compute on GPUs (``on_gpu``: fuller forward passes) and ``exact`` on CPU (where they gain
+    nothing and padding costs)."""
     if shapes != "auto":
         return shapes
     return "buckets" if on_gpu else "exact"
@@ -221,7 +221,7 @@ def pool_problem(cfg: MineConfig, cluster_cpus: float) -> str | None:
 
 # Settings that change the boxes: a rerun into an output that holds boxes must keep them.
 BOX_SETTINGS = ("input", "format", "classifier", "weights", "num_classes", "class_map", "scales", "flip", "thresholds",
-                "nms_iou", "preset", "size_measure", "image_column", "label_column")
+                "nms_iou", "preset", "size_measure", "image_column", "label_column", "shapes")
 
 
 def mine(cfg: MineConfig) -> dict:
@@ -281,12 +281,15 @@ def _mine(cfg: MineConfig, output: Path) -> dict:
     from ray.data import ActorPoolStrategy
 
     cfg, classes_to_write = _classifier_class_map(cfg, output)
+    # Saved resolved, so that a rerun on other hardware cannot mix the two policies' boxes.
+    cfg = replace(cfg, shapes=actor_shapes(cfg.shapes, computes_on_gpu(cfg.num_gpus_per_actor > 0, cfg.device)))
     saved = output / "config.yaml"
     progress = read_progress(output)
     written = progress.images
     if written and saved.is_file():
         # Checked before anything in the output changes: a refused rerun leaves the run as it was.
-        previous = _comparable(yaml.safe_load(saved.read_text()) or {})
+        # Runs from before --shapes mined with the exact policy.
+        previous = _comparable({"shapes": "exact", **(yaml.safe_load(saved.read_text()) or {})})
         differing = settings_differ(previous, _comparable(config_to_dict(cfg), classes_to_write), BOX_SETTINGS)
         if differing:
             details = "; ".join(f"{k}: {previous.get(k)!r} then, {getattr(cfg, k)!r} now" for k in differing)
@@ -353,7 +356,7 @@ def _mine(cfg: MineConfig, output: Path) -> dict:
                                        scales=scales, flip=cfg.flip, box_config=cfg.box_config(),
                                        batch_size=cfg.batch_size, forward_images=cfg.forward_images,
                                        device=device, torch_threads=cfg.torch_threads,
-                                       shapes=actor_shapes(cfg.shapes, on_gpu),
+                                       shapes=cfg.shapes, gpu_share=cfg.num_gpus_per_actor or 1.0,
                                        compile=cfg.compile_mode if cfg.compile else "off",
                                        cudnn_benchmark=cfg.cudnn_benchmark),
         )  # Ray Data's actor pools restart a dead actor and retry its batches (max_restarts=-1 by default).
