@@ -200,9 +200,9 @@ def cam_to_boxes_batch(
                                             and (factors <= 1).all()):
         raise ValueError(f"frames must be {len(sizes)} (fx, fy) pairs in (0, 1], got {np.asarray(frames).tolist()}")
     stretched = []
-    for (boxes, scores), (fx, fy) in zip(_boxes_for_maps(maps, values, sizes * factors, config), factors):
+    for (boxes, scores), (fx, fy), (width, height) in zip(_boxes_for_maps(maps, values, sizes * factors, config),
+                                                          factors, sizes):
         if fx != 1.0 or fy != 1.0:
-            width, height = sizes[len(stretched)]
             far = np.array([width, height, width, height]) - 1
             # A side clipped to the squeezed image's last pixel goes to the original's last pixel.
             clipped = boxes >= np.array([width * fx, height * fy, width * fx, height * fy]) - 1

@@ -187,7 +187,7 @@ class CamExtractor:
         if not aspects or not all(math.isfinite(a) and a >= 1 for a in aspects):
             raise ValueError(f"bucket_aspects must be aspect ratios of at least 1 (long side over short), "
                              f"got {tuple(bucket_aspects)}")
-        mode = {True: "default", False: "off"}.get(compile, compile) if isinstance(compile, bool) else compile
+        mode = ("default" if compile else "off") if isinstance(compile, bool) else compile
         if mode not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES} (or a bool), got {compile!r}")
         self.scales, self.flip, self.stride, self.batch_size = scales, bool(flip), int(stride), int(batch_size)
