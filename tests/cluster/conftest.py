@@ -126,9 +126,12 @@ class NodeCluster:
         return time.time()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def node_cluster():
-    """A head with no CPUs and two worker nodes of 2 CPUs each; this process is the driver."""
+    """A head with no CPUs and two worker nodes of 2 CPUs each; this process is the driver. One per
+    session, as starting one takes about 10 s (each test tops it up with :func:`top_up`); the
+    autoscaling tests, whose cluster this driver cannot join at the same time, run before it
+    (pytest's file order)."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -268,6 +271,9 @@ def fake_autoscaling_cluster(worker_types: dict, idle_timeout_minutes: float = 0
     (fake GPUs: Ray schedules them, torch sees none). This process is the driver."""
     import ray
 
+    if ray.is_initialized():
+        raise RuntimeError("this process is already the driver of another cluster (node_cluster, one per session): "
+                           "run the autoscaling tests first (pytest's file order) or in a pytest run of their own")
     with own_ray_environment() as tmp:
         port = free_port()
         config = Path(tmp) / "autoscaling.json"
