@@ -4,6 +4,7 @@ checks the chain (search -> mining -> pre-training -> a schedule per K and initi
 the test split once), the caching of a rerun, the gain study over it and the tables; the numbers
 mean nothing here. Minutes on 2 cores: the study tier, python -m pytest -m study, run by .ci/run."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -65,6 +66,13 @@ def test_the_tuned_loop_runs_every_stage_once_and_a_rerun_finds_them_done(ray_se
     assert "| tuned | 2 | 2 it, lr 0.01 |" in (folder / "results.md").read_text()
     again = reproduce(cfg)  # every stage found done
     assert again["rows"] == table["rows"]
+    # Another K later: K = 2's search and runs are reused, K = 3 gets its own, each written as it ends.
+    searched = {label: (folder / f"kshot_{label}" / "k2" / "results.csv").read_text() for label in ("cls", "dap")}
+    more = reproduce(dataclasses.replace(cfg, shots=("2", "3")))
+    assert more["shots"] == ["2", "3"] and more["rows"]["2"] == table["rows"]["2"]
+    assert {label: (folder / f"kshot_{label}" / "k2" / "results.csv").read_text() for label in ("cls", "dap")} == searched
+    assert (folder / "kshot_dap" / "k3" / "kshot_preset.yaml").is_file()
+    assert json.loads((folder / "results.json").read_text())["shots"] == ["2", "3"]
 
     from dap_ray.steps.study import GainStudyConfig, gain_study
 

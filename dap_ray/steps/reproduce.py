@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ReproduceConfig", "reproduce", "reproduce_tuned"]
+__all__ = ["ReproduceConfig", "kshot_schedule_file", "reproduce", "reproduce_tuned"]
 
 
 @dataclass(frozen=True)
@@ -156,13 +156,16 @@ def reproduce_tuned(cfg: ReproduceConfig) -> dict:
     2. the sample mined with it (``mined/``);
     3. a pre-training of ``pretrain_iters`` on those boxes, the sample's settings otherwise
        (``pretrained/``);
-    4. for each initialisation (CLS: the classifier's trunk; DAP: that pre-training) a k-shot
-       schedule searched per K on training images each draw left out (``kshot_cls/``, ``kshot_dap/``);
-    5. each K fine-tuned from each initialisation with its own schedule, every seed, evaluated
-       on the test split once, at the end (``cls_K/``, ``dap_K/``).
+    4. for each K and each initialisation (CLS: the classifier's trunk; DAP: that pre-training) a
+       k-shot schedule searched on training images each draw left out (``kshot_cls/kK/``,
+       ``kshot_dap/kK/``: :func:`kshot_schedule_file`);
+    5. K fine-tuned from each initialisation with its own schedule, every seed, evaluated on the
+       test split once, at the end (``cls_K/``, ``dap_K/``).
 
-    Writes ``results.json`` and ``results.md`` there (CLS, DAP and the seed-paired DAP-CLS per K,
-    beside the preset's table when ``OUTPUT/results.json`` holds one) and returns the table.
+    Stages 4 and 5 run K by K, and ``results.json`` and ``results.md`` (CLS, DAP and the
+    seed-paired DAP-CLS per K, beside the preset's table when ``OUTPUT/results.json`` holds one)
+    are written after each K: a long loop shows its first rows early, and a loop run for K = 5
+    is reused whole by one run later for K = 5 and 10. Returns the table.
     """
     import dataclasses
 
@@ -212,28 +215,30 @@ def reproduce_tuned(cfg: ReproduceConfig) -> dict:
     classifier = sample_classifier() / "classifier.pt"
     inits = {"CLS": f"cls:{classifier}", "DAP": f"dap:{pretrained}"}
     meta = json.loads((pretrained / "meta.json").read_text())
-    tables = {}
-    for label, init in inits.items():
-        print(f"== 4/5: searching the k-shot schedule from {label} for K = {shots}", flush=True)
-        search = tune_finetune(tune_finetune_defaults(TuneFinetuneConfig(
-            output=str(folder / f"kshot_{label.lower()}"), init=init, shots=tuple(shots), samples=cfg.kshot_samples,
-            iterations_range=cfg.kshot_iterations_range, lr_range=cfg.kshot_lr_range,
-            detector=meta["detector"], backbone=meta["backbone"])))
-        tables[label] = {"file": str(folder / f"kshot_{label.lower()}" / "kshot_preset.yaml"),
-                         "shots": search["shots"], "rounds": search["rounds"]}
     base = _sample_finetune_base(sample_downstream(), meta, seeds)
-    table: dict = {"inits": inits, "shots": [str(k) for k in shots], "seeds": list(seeds),
-                   "pretrain_iters": cfg.pretrain_iters, "box_setting": best,
-                   "box_search": {k: boxes.get(k) for k in ("report", "report_gain_AP50", "edges")},
-                   "mined_quality": mined.get("quality"), "schedules": tables, "rows": {}}
+    table: dict = {"inits": inits, "shots": [], "seeds": list(seeds), "pretrain_iters": cfg.pretrain_iters,
+                   "box_setting": best, "box_search": {k: boxes.get(k) for k in ("report", "report_gain_AP50", "edges")},
+                   "mined_quality": mined.get("quality"),
+                   "schedules": {label: {"files": {}, "shots": {}, "rounds": {}} for label in inits}, "rows": {}}
     for k in shots:
+        for label, init in inits.items():
+            schedule = kshot_schedule_file(folder, label, k)
+            print(f"== 4/5: searching the k-shot schedule from {label} for K = {k}", flush=True)
+            search = tune_finetune(tune_finetune_defaults(TuneFinetuneConfig(
+                output=str(schedule.parent), init=init, shots=(k,), samples=cfg.kshot_samples,
+                iterations_range=cfg.kshot_iterations_range, lr_range=cfg.kshot_lr_range,
+                detector=meta["detector"], backbone=meta["backbone"])))
+            found = table["schedules"][label]
+            found["files"][str(k)], found["shots"][str(k)], found["rounds"][str(k)] = (
+                str(schedule), search["shots"][k], search["rounds"][k])
         row: dict = {}
         for label, init in inits.items():
-            chosen = tables[label]["shots"][k]
+            chosen = table["schedules"][label]["shots"][str(k)]
             print(f"== 5/5: {label} init, {k} images per class, its schedule ({chosen['max_iters']} iterations at lr "
                   f"{chosen['lr']:.3g}), seeds {list(seeds)}, the test split once", flush=True)
             # max_iters from the table; the test split is evaluated once, at the end.
-            run = dataclasses.replace(base, init=init, shots=k, max_iters=None, kshot_table=tables[label]["file"],
+            run = dataclasses.replace(base, init=init, shots=k, max_iters=None,
+                                      kshot_table=table["schedules"][label]["files"][str(k)],
                                       eval_every=10**9, checkpoint_every=10**9,
                                       output=str(folder / f"{label.lower()}_{k}"))
             runs = _per_seed(finetune(run))
@@ -242,17 +247,32 @@ def reproduce_tuned(cfg: ReproduceConfig) -> dict:
         row["DAP-CLS"] = {metric: _difference(row["DAP"][metric], row["CLS"][metric])
                           for metric in ("AP", "AP50", "VOC_AP50")}
         table["rows"][str(k)] = row
-    table["wall_s"] = round(time.perf_counter() - started, 1)
-    preset = output / "results.json"
+        table["shots"].append(str(k))
+        table["wall_s"] = round(time.perf_counter() - started, 1)
+        text = _write_tuned(folder, table, output / "results.json")
+    print(text, flush=True)
+    return table
+
+
+def kshot_schedule_file(tuned: Path, label: str, k: int) -> Path:
+    """The k-shot schedule (``jobs/finetune.py --kshot-table``) searched from initialisation ``label``
+    (CLS or DAP) at ``k`` images per class, in the tuned loop's folder ``tuned``: one search per
+    K and initialisation, each in its own folder."""
+    return tuned / f"kshot_{label.lower()}" / f"k{k}" / "kshot_preset.yaml"
+
+
+def _write_tuned(folder: Path, table: dict, preset: Path) -> str:
+    """The tuned loop's ``results.json``, ``results.md`` and ``ap_vs_shots.png`` in ``folder`` for
+    the rows done so far; returns the Markdown."""
+    from dap_ray.evaluation.plots import plot_metric_vs_shots
+
     text = _markdown_tuned(table, json.loads(preset.read_text()) if preset.is_file() else None)
     (folder / "results.json").write_text(json.dumps(table, indent=2))
     (folder / "results.md").write_text(text)
-    from dap_ray.evaluation.plots import plot_metric_vs_shots
-
-    plot_metric_vs_shots({label: {shot: table["rows"][shot][label] for shot in table["shots"]} for label in inits},
+    plot_metric_vs_shots({label: {shot: table["rows"][shot][label] for shot in table["shots"]}
+                          for label in table["inits"]},
                          folder / "ap_vs_shots.png", title="Downstream sample, tuned: CLS vs DAP initialisation")
-    print(text, flush=True)
-    return table
+    return text
 
 
 def _settings_match(config_file: Path, settings: dict) -> bool:

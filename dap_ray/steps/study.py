@@ -69,7 +69,7 @@ def gain_study(cfg: GainStudyConfig) -> dict:
     )
     from dap_ray.steps.finetune import finetune
     from dap_ray.steps.pretrain import PretrainConfig, pretrain
-    from dap_ray.steps.reproduce import _difference, _per_seed, _sample_finetune_base, _stats
+    from dap_ray.steps.reproduce import _difference, _per_seed, _sample_finetune_base, _stats, kshot_schedule_file
 
     started = time.perf_counter()
     output = Path(cfg.output).resolve()
@@ -101,7 +101,6 @@ def gain_study(cfg: GainStudyConfig) -> dict:
         runs[name] = run
     meta = json.loads((tuned / "pretrained" / "meta.json").read_text())
     base = _sample_finetune_base(sample_downstream(), meta, cfg.seeds)
-    schedules = {label: str(tuned / f"kshot_{label}" / "kshot_preset.yaml") for label in ("cls", "dap")}
 
     def fine_tune(init: str, table: str, k: int, where: Path) -> dict:
         run = dataclasses.replace(base, init=init, shots=k, max_iters=None, kshot_table=table, eval_every=10**9,
@@ -113,12 +112,12 @@ def gain_study(cfg: GainStudyConfig) -> dict:
     rows: dict = {}
     for k in cfg.shots:
         print(f"== CLS, K = {k} (the tuned loop's runs, more seeds where asked)", flush=True)
-        cls = fine_tune(cls_init, schedules["cls"], k, tuned / f"cls_{k}")
+        cls = fine_tune(cls_init, str(kshot_schedule_file(tuned, "CLS", k)), k, tuned / f"cls_{k}")
         rows[str(k)] = {"CLS": cls}
         for name, run in runs.items():
             where = tuned / f"dap_{k}" if run == tuned / "pretrained" else folder / f"{name}_{k}"
             print(f"== DAP {name}, K = {k}", flush=True)
-            dap = fine_tune(f"dap:{run}", schedules["dap"], k, where)
+            dap = fine_tune(f"dap:{run}", str(kshot_schedule_file(tuned, "DAP", k)), k, where)
             rows[str(k)][name] = {**dap, "DAP-CLS": {m: _difference(dap[m], cls[m]) for m in ("AP", "AP50")}}
     used = {source for source, _ in variants.values()}
     quality = {source: _mined_quality(sources[source]().parent) for source in used - {"true"}}
