@@ -49,6 +49,19 @@ def test_lines_are_due_at_a_steady_interval():
         Progress(-1, "steps")
 
 
+def test_a_window_follows_a_rate_that_changes():
+    clock = Clock()
+    whole, window = (Progress(1000, "images", every_s=10, clock=clock, window_s=w) for w in (None, 60))
+    # 1 image/s for 120 s (one actor), then 5 images/s for 70 s (the pool grew), a line every 10 s.
+    for done in [*range(10, 130, 10), *range(170, 520, 50)]:
+        clock.now += 10
+        lines = whole.line(done), window.line(done)
+    assert lines == ("470/1000 images (47%), 2.47 images/s, 3m 34s left",  # the whole run's rate
+                     "470/1000 images (47%), 5 images/s, 1m 46s left")  # the last minute's
+    with pytest.raises(ValueError, match="window must be positive"):
+        Progress(10, "steps", window_s=0)
+
+
 def test_mining_knows_its_total_from_folder_shards():
     from dap_ray.steps.mine import _images_to_mine
 

@@ -366,7 +366,9 @@ def _mine(cfg: MineConfig, output: Path) -> dict:
                             fn_kwargs={"output": str(output)})
         # Ray Data then waits for the pool's first actor before it streams, and gives up after the timeout.
         ds.context.wait_for_min_actors_s = math.ceil(cfg.actor_start_timeout_s) or -1
-        lines = Progress(_images_to_mine(shards, done, cfg.limit), "images", done=done, every_s=10.0)
+        # The last two minutes' rate: the pool grows as the autoscaler adds GPU nodes, and the time
+        # left should follow.
+        lines = Progress(_images_to_mine(shards, done, cfg.limit), "images", done=done, every_s=10.0, window_s=120)
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for key in counts:
