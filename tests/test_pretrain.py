@@ -79,6 +79,11 @@ def test_retinanet_worker_group_that_fails_once_is_restarted_and_finishes(pseudo
     state = torch.load(tmp_path / "run" / "detector_final.pt", weights_only=True)
     build_detector("retinanet_fpn", TINY, 3).load_state_dict(state, strict=True)
     assert set(meta["history"][0]) >= {"classification", "bbox_regression"}
+    # Each progress line once: in the worker's stdout, not again in its stderr (then the driver shows it twice).
+    logs = Path(ray_session._private.worker._global_node.get_logs_dir_path())
+    printed = {suffix: sum(f.read_text(errors="replace").count("iter 2/2 loss") for f in logs.glob(f"worker-*.{suffix}"))
+               for suffix in ("out", "err")}
+    assert printed == {"out": 1, "err": 0}
 
 
 def test_pretrain_from_webdataset_shards(pseudo_run, ray_session, tmp_path, capfd):

@@ -158,6 +158,9 @@ def fit_torch_trainer(loop, loop_config: dict, *, name: str, storage: Path, num_
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
+            # Ray Train's print patch both logs a worker's print and, as Ray wraps the worker's stdout,
+            # prints it (ray-project/ray#61075): each progress line reached the driver twice.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
     )
     try:
