@@ -268,6 +268,25 @@ def test_the_box_search_tries_the_papers_setting_first_and_reports_on_held_out_i
     assert parent["metrics.final/held_out/best/AP50"] == pytest.approx(summary["report"]["best"]["AP50"])
 
 
+def test_a_batched_search_proposes_only_once_its_whole_batch_has_ended():
+    """What the box search relies on to rerun the same with several trials at a time: no setting is
+    proposed while a trial of the batch runs, so proposals never hang on which trial ended first."""
+    from dap_ray.search import SearchRange
+    from dap_ray.steps.tune import _search_tune_config
+
+    ranges = [SearchRange("nms_iou", 0.5, 0.9, limit_low=0.5, limit_high=0.9)]
+    limiter = _search_tune_config(ranges, {}, "AP50", samples=6, concurrent=2, seed=0, batch=True).search_alg
+    assert limiter.suggest("a") and limiter.suggest("b") and limiter.suggest("c") is None
+    limiter.on_trial_complete("b", {"AP50": 1.0, "nms_iou": 0.6})
+    assert limiter.suggest("c") is None  # "a" still runs
+    limiter.on_trial_complete("a", {"AP50": 2.0, "nms_iou": 0.7})
+    assert limiter.suggest("c") and limiter.suggest("d") and limiter.suggest("e") is None
+    unbatched = _search_tune_config(ranges, {}, "AP50", samples=6, concurrent=2, seed=0).search_alg  # the k-shot search's
+    assert unbatched.suggest("a") and unbatched.suggest("b")
+    unbatched.on_trial_complete("b", {"AP50": 1.0, "nms_iou": 0.6})
+    assert unbatched.suggest("c")  # proposed on what ended first
+
+
 def test_the_k_shot_search_grows_a_range_its_best_sits_on(ray_session, tmp_path):
     from dap_ray.data.downstream_sample import DownstreamSampleConfig, make_downstream_sample
     from dap_ray.steps.tune import TuneFinetuneConfig, tune_finetune

@@ -427,7 +427,7 @@ def _box_search(cfg: TuneBoxesConfig, trainable, storage: Path, concurrent: int)
               flush=True)
         tuner = _tuner(experiment, trainable, {}, _search_tune_config(
             ranges, choices, "AP50", samples, concurrent, cfg.seed + number, first=first,
-            evaluated=[({k: row[k] for k in keys}, row["AP50"]) for row in rows if _ap50(row) >= 0]),
+            evaluated=[({k: row[k] for k in keys}, row["AP50"]) for row in rows if _ap50(row) >= 0], batch=True),
             samples, f"box search, round {number + 1}")
         found, failed = _box_rows(tuner.fit(), keys)
         for row in found:
@@ -450,10 +450,14 @@ def _box_search(cfg: TuneBoxesConfig, trainable, storage: Path, concurrent: int)
 
 
 def _search_tune_config(ranges, choices: dict, metric: str, samples: int, concurrent: int, seed: int,
-                        first: list[dict] = (), evaluated: list[tuple[dict, float]] = (), scheduler=None):
+                        first: list[dict] = (), evaluated: list[tuple[dict, float]] = (), scheduler=None,
+                        batch: bool = False):
     """A ``TuneConfig`` searching ``ranges`` and ``choices`` with Optuna's TPE (seeded), maximising
     ``metric`` over ``samples`` trials, ``concurrent`` at a time; ``first`` are tried first,
-    ``evaluated`` (setting, result) are told to the sampler without running again."""
+    ``evaluated`` (setting, result) are told to the sampler without running again. ``batch``: the
+    sampler suggests ``concurrent`` settings at a time and hears their results together, so
+    what it suggests does not hang on which trial ended first and a rerun searches the same
+    settings; a slot whose trial ended early waits for the batch."""
     import optuna
     import ray.tune
     from ray.tune.search import ConcurrencyLimiter
@@ -471,7 +475,7 @@ def _search_tune_config(ranges, choices: dict, metric: str, samples: int, concur
                             points_to_evaluate=points or None,
                             evaluated_rewards=[reward for _, reward in evaluated] or None)
     return ray.tune.TuneConfig(metric=metric, mode="max", scheduler=scheduler, num_samples=samples,
-                               search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrent))
+                               search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrent, batch=batch))
 
 
 def _is_default(row: dict) -> bool:
