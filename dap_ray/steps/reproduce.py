@@ -219,7 +219,7 @@ def reproduce_tuned(cfg: ReproduceConfig) -> dict:
     table: dict = {"inits": inits, "shots": [], "seeds": list(seeds), "pretrain_iters": cfg.pretrain_iters,
                    "box_setting": best, "box_search": {k: boxes.get(k) for k in ("report", "report_gain_AP50", "edges")},
                    "mined_quality": mined.get("quality"),
-                   "schedules": {label: {"files": {}, "shots": {}, "rounds": {}} for label in inits}, "rows": {}}
+                   "schedules": {label: {"shots": {}, "rounds": {}} for label in inits}, "rows": {}}
     for k in shots:
         for label, init in inits.items():
             schedule = kshot_schedule_file(folder, label, k)
@@ -229,8 +229,7 @@ def reproduce_tuned(cfg: ReproduceConfig) -> dict:
                 iterations_range=cfg.kshot_iterations_range, lr_range=cfg.kshot_lr_range,
                 detector=meta["detector"], backbone=meta["backbone"])))
             found = table["schedules"][label]
-            found["files"][str(k)], found["shots"][str(k)], found["rounds"][str(k)] = (
-                str(schedule), search["shots"][k], search["rounds"][k])
+            found["shots"][str(k)], found["rounds"][str(k)] = search["shots"][k], search["rounds"][k]
         row: dict = {}
         for label, init in inits.items():
             chosen = table["schedules"][label]["shots"][str(k)]
@@ -238,7 +237,7 @@ def reproduce_tuned(cfg: ReproduceConfig) -> dict:
                   f"{chosen['lr']:.3g}), seeds {list(seeds)}, the test split once", flush=True)
             # max_iters from the table; the test split is evaluated once, at the end.
             run = dataclasses.replace(base, init=init, shots=k, max_iters=None,
-                                      kshot_table=table["schedules"][label]["files"][str(k)],
+                                      kshot_table=str(kshot_schedule_file(folder, label, k)),
                                       eval_every=10**9, checkpoint_every=10**9,
                                       output=str(folder / f"{label.lower()}_{k}"))
             runs = _per_seed(finetune(run))
