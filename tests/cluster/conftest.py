@@ -28,6 +28,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+# Ray Data's cluster autoscaler (in the driver: this process) averages utilisation over 10 s and asks
+# for nodes at most every 10 s; 2 s each here, as the health checks below are shortened, so that the
+# autoscaling tests wait on the pool's growth rather than on those windows. Read when ray.data is
+# first imported, hence here. Users get the defaults (docs/clusters.md).
+for _name in ("RAY_DATA_CLUSTER_UTIL_AVG_WINDOW_S", "RAY_DATA_MIN_GAP_BETWEEN_AUTOSCALING_REQUESTS"):
+    os.environ.setdefault(_name, "2")
+# Ray Train's controller looks for drained (preempted) nodes every 5 s; every second here, so that a
+# notice a few seconds before the kill reaches the workers (a cloud's notice comes 30 s to 2 min
+# ahead). The nodes, the controller's included, inherit this process's environment.
+os.environ.setdefault("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")
 # A lost node is noticed in about 3 s instead of Ray's default 15 or so.
 HEALTH_CHECKS = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
 FIGURES: list[str] = []  # one line per measured loss, printed at the end of the run
@@ -187,9 +197,11 @@ class LossSequence(threading.Thread):
     ``back_after``: seconds from each loss to a ``fragment`` actor alive on another node.
     """
 
-    def __init__(self, nodes: NodeCluster, fragment: str, progressed, hows=("preempt", "kill"), timeout: float = 150):
+    def __init__(self, nodes: NodeCluster, fragment: str, progressed, hows=("preempt", "kill"), timeout: float = 150,
+                 notice_s: float = 1.0):
         super().__init__(daemon=True)
         self.nodes, self.fragment, self.progressed, self.hows, self.timeout = nodes, fragment, progressed, hows, timeout
+        self.notice_s = notice_s  # a preempted node's drain deadline: the notice comes this long before the kill
         self.lost_at: list[float] = []
         self.back_after: list[float] = []
         self.error: BaseException | None = None
@@ -208,7 +220,7 @@ class LossSequence(threading.Thread):
                 if not node_ids:
                     return
                 lost = self.nodes.node_of(node_ids[0])
-                self.lost_at.append(self.nodes.lose(lost, how))
+                self.lost_at.append(self.nodes.lose(lost, how, deadline_s=self.notice_s))
                 self.nodes.add_worker(wait=False)  # joins in a few seconds, as a cloud's replacement would
                 if wait_for(lambda lost=lost: [i for i in actor_nodes(self.fragment) if i != lost.node_id], 120):
                     self.back_after.append(time.time() - self.lost_at[-1])

@@ -11,6 +11,7 @@ import pytest
 from tests.cluster.conftest import actor_nodes, fake_autoscaling_cluster, record_figure, wait_for
 
 pytestmark = pytest.mark.cluster
+IMAGES = 480
 GPU_NODE = {"resources": {"CPU": 2, "GPU": 1, "object_store_memory": 150_000_000}, "max_workers": 3}
 
 
@@ -27,22 +28,22 @@ def test_the_model_pool_grows_as_the_autoscaler_adds_gpu_nodes(autoscaling, tmp_
     from dap_ray.steps.mine import MineConfig, mine
     from tests.factories import tiny_resnet
 
-    sample = make_sample_dataset(tmp_path / "sample", SampleConfig(num_images=480, num_classes=3, image_size=32))
+    sample = make_sample_dataset(tmp_path / "sample", SampleConfig(num_images=IMAGES, num_classes=3, image_size=32))
     torch.manual_seed(0)
     torch.save(tiny_resnet(num_classes=3).state_dict(), tmp_path / "weights.pt")
     assert autoscaling.gpu_nodes_alive() == 0  # the head alone: no CPUs, no GPUs
 
-    pool_sizes: list[int] = []
+    pool_sizes: list[tuple[float, int]] = []  # (seconds since the start, alive actors)
     stop = threading.Event()
 
     def watch() -> None:
         while not stop.is_set():
-            pool_sizes.append(len([1 for _ in actor_nodes("MapWorker")]))
+            pool_sizes.append((time.monotonic() - started, len(actor_nodes("MapWorker"))))
             time.sleep(0.5)
 
+    started = time.monotonic()
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    started = time.monotonic()
     # The GPU path (encoded bytes to the actors, one GPU each) as a user runs it with GPUs; the
     # actors compute on CPU because these nodes' GPUs are fake.
     summary = mine(MineConfig(
@@ -54,15 +55,16 @@ def test_the_model_pool_grows_as_the_autoscaler_adds_gpu_nodes(autoscaling, tmp_
     stop.set()
     watcher.join()
     # Random weights on 32-pixel shapes: some CAMs are constant, recorded as errors, each image once.
-    assert summary["images"] + summary["errors"] == 480 and summary["images"] > 240
+    assert summary["images"] + summary["errors"] == IMAGES and summary["images"] > IMAGES // 2
     assert summary["config"]["decode"] == "auto" and summary["config"]["num_gpus_per_actor"] == 1
-    largest = max(pool_sizes)
+    largest = max(size for _, size in pool_sizes)
     assert largest > 1, f"the pool never grew past one actor: {pool_sizes}"
+    first, grown = (next(t for t, size in pool_sizes if size >= n) for n in (1, 2))
     released = wait_for(lambda: autoscaling.gpu_nodes_alive() == 0, timeout=90, step=1.0)
     assert released, "the idle GPU nodes were not released"
-    record_figure(f"autoscaling: 480 images on the GPU path from a head with no GPUs: the pool grew to {largest} "
-                  f"actors on {largest} autoscaled GPU nodes, mined in {wall:.0f} s; the idle nodes left "
-                  f"{time.monotonic() - started - wall:.0f} s after the run")
+    record_figure(f"autoscaling: {IMAGES} images on the GPU path from a head with no GPUs: the pool grew to {largest} "
+                  f"actors on {largest} autoscaled GPU nodes (one actor up after {first:.0f} s, two after {grown:.0f} s), "
+                  f"mined in {wall:.0f} s; the idle nodes left {time.monotonic() - started - wall:.0f} s after the run")
 
 
 def test_a_gpu_pretraining_asks_for_its_nodes_and_starts_when_they_come(autoscaling, pseudo_run, tmp_path):
@@ -80,8 +82,6 @@ def test_a_gpu_pretraining_asks_for_its_nodes_and_starts_when_they_come(autoscal
     wall = time.monotonic() - started
     assert meta["iterations"] == 4 and meta["history"][-1]["iteration"] == 4
     assert meta["config"]["use_gpu"] is True and meta["config"]["device"] == "cpu"
-    released = wait_for(lambda: autoscaling.gpu_nodes_alive() == 0, timeout=90, step=1.0)
-    assert released, "the idle GPU nodes were not released"
+    # Releasing idle nodes is the mining test's to show; waiting for it again here would add 15-20 s.
     record_figure(f"autoscaling: a 2-worker --use-gpu pre-training from no GPU nodes: the autoscaler added 2, the "
-                  f"run trained its 4 iterations, {wall:.0f} s in all; the nodes left "
-                  f"{time.monotonic() - started - wall:.0f} s after it")
+                  f"run trained its 4 iterations, {wall:.0f} s in all")

@@ -48,12 +48,33 @@ def redone(nodes, progress: str, resumed: str, per_unit: int = 1) -> list[int]:
     return [previous[1] - current[0] for previous, current in zip(attempts, attempts[1:], strict=False)]
 
 
-def report(step: str, back_after: list[float], counts: list[int], unit: str) -> None:
+def worker_lines(nodes, pattern: str) -> list[int]:
+    """The first group of ``pattern`` in every line of the workers' logs that matches, as integers."""
+    return sorted(int(m.group(1)) for path in Path(nodes.tmp).glob("ray/session_2*/logs/worker-*.out")
+                  for line in path.read_text(errors="replace").splitlines() if (m := re.search(pattern, line)))
+
+
+def resumed_at_the_notice(nodes, total: int) -> tuple[int, int]:
+    """(the iteration of the checkpoint written on the preemption notice, the one the next attempt resumed
+    at): nothing before the notice is redone. Attempts never resume earlier than the one before, so the
+    first resume is the smallest."""
+    noticed = worker_lines(nodes, rf"preemption notice .*: checkpoint at iteration (\d+)/{total}")
+    assert len(noticed) == 1, f"one checkpoint on the preemption notice expected, got {noticed}"
+    resumed = worker_lines(nodes, rf"resuming at iteration (\d+)/{total}")
+    assert resumed and resumed[0] >= noticed[0], f"resumed at {resumed}, before the notice's checkpoint {noticed[0]}"
+    return noticed[0], resumed[0]
+
+
+def report(step: str, back_after: list[float], counts: list[int], unit: str,
+           notice: tuple[int, int] | None = None) -> None:
     """One line per loss. A resume line can go missing (a line printed as a node dies may never reach
     the driver): then the work redone is said to be unseen, not guessed."""
     counts = counts + [None] * (len(back_after) - len(counts))
     for how, seconds, count in zip(("preempted", "killed"), back_after, counts, strict=False):
         redone_text = "work redone not seen" if count is None else f"{count} {unit} redone"
+        if how == "preempted" and notice is not None:
+            redone_text += (f" (a checkpoint written on the notice at iteration {notice[0]}; resumed at "
+                            f"{notice[1]}, the latest)")
         record_figure(f"{step}, node {how}: a new Ray Train worker up {seconds:.1f} s after the loss; {redone_text}")
 
 
@@ -83,7 +104,9 @@ def test_pretraining_survives_a_preemption_and_a_node_loss(node_cluster, pseudo_
     top_up(node_cluster)
     boxes_dir, _, weights = pseudo_run
     run = tmp_path / "run"
-    losses = LossSequence(node_cluster, "RayTrainWorker", checkpointed(run / "ray"))
+    # The notice 6 s before the kill (clouds give 30 s to 2 min): Ray Train hears it within a second, the
+    # worker checkpoints at its next iteration, and the controller takes the checkpoint at its next poll (every 2 s).
+    losses = LossSequence(node_cluster, "RayTrainWorker", checkpointed(run / "ray"), notice_s=6.0)
     losses.start()
     meta = pretrain(PretrainConfig(
         boxes=str(boxes_dir), output=str(run), backbone=SLOW, backbone_weights=str(weights), num_workers=1,
@@ -93,7 +116,8 @@ def test_pretraining_survives_a_preemption_and_a_node_loss(node_cluster, pseudo_
     counts = redone(node_cluster, r"iter (\d+)/16 loss", r"resuming at iteration (\d+)/16")
     assert meta["iterations"] == 16 and [h["iteration"] for h in meta["history"]][-1] == 16
     assert counts and all(0 <= c <= 2 * 4 for c in counts)
-    report("Step 3 (pre-training)", back_after, counts, "iterations (checkpoints every 4)")
+    notice = resumed_at_the_notice(node_cluster, 16)
+    report("Step 3 (pre-training)", back_after, counts, "iterations (checkpoints every 4)", notice)
 
 
 def test_finetuning_survives_a_preemption_and_a_node_loss(node_cluster, tmp_path):
@@ -105,7 +129,7 @@ def test_finetuning_survives_a_preemption_and_a_node_loss(node_cluster, tmp_path
     data = make_downstream_sample(tmp_path / "downstream",
                                   DownstreamSampleConfig(num_train=16, num_test=4, num_classes=3, image_size=64))
     run = tmp_path / "run"
-    losses = LossSequence(node_cluster, "RayTrainWorker", checkpointed(run / "ray"))
+    losses = LossSequence(node_cluster, "RayTrainWorker", checkpointed(run / "ray"), notice_s=6.0)
     losses.start()
     meta = finetune(FinetuneConfig(
         train=str(data / "coco" / "train.json"), test=str(data / "coco" / "test.json"), train_images=str(data / "images"),
@@ -117,4 +141,5 @@ def test_finetuning_survives_a_preemption_and_a_node_loss(node_cluster, tmp_path
     assert meta["iterations"] == 20 and counts and all(0 <= c <= 2 * 4 for c in counts)
     evaluations = [json.loads(line)["iteration"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert evaluations == [10, 20]  # each evaluation once, whatever was redone
-    report("Step 4 (fine-tuning)", back_after, counts, "iterations (checkpoints every 4)")
+    notice = resumed_at_the_notice(node_cluster, 20)
+    report("Step 4 (fine-tuning)", back_after, counts, "iterations (checkpoints every 4)", notice)

@@ -1,0 +1,107 @@
+"""The iteration loop of Steps 3 and 4 (dap_ray.steps.detector_loop), its Ray Train calls replaced:
+when and what it checkpoints."""
+
+import itertools
+import os
+
+import pytest
+import torch
+
+import dap_ray.steps.detector_loop as detector_loop
+from dap_ray.steps.detector_loop import NOTICE_ASKS_PER_CHECKPOINT, STATE_FILE, train_iterations
+
+
+class FakeTrain:
+    """Stands in for ray.train: a preemption notice from iteration ``notice_from`` on (None: never),
+    and the iteration of every checkpoint reported."""
+
+    def __init__(self, notice_from):
+        from ray.train import PreemptionInfo
+
+        self.notice_from, self.iteration, self.asked = notice_from, 0, []
+        self.info = PreemptionInfo(deadline_ms=None, preempted_node_to_ranks={"a" * 56: [0]})
+        self.checkpoints: list[int] = []
+
+    def get_preemption_info(self):
+        self.asked.append(self.iteration)
+        return self.info if self.notice_from is not None and self.iteration >= self.notice_from else None
+
+    def report(self, metrics, checkpoint=None):
+        if checkpoint is not None:
+            with checkpoint.as_directory() as directory:
+                state = torch.load(os.path.join(directory, STATE_FILE), weights_only=True)
+            assert state["iteration"] == metrics["iteration"]
+            self.checkpoints.append(state["iteration"])
+
+
+@pytest.mark.parametrize("notice_from, checkpoints", [
+    (None, [4, 8, 10]),   # no notice: every 4 iterations and at the end
+    (3, [3, 4, 8, 10]),   # a notice heard after iteration 3: one checkpoint at once, then as before
+    (4, [4, 8, 10]),      # heard where a checkpoint was due anyway: that one
+    (10, [4, 8, 10]),     # heard after the last iteration: the final checkpoint is that one
+])
+def test_a_preemption_notice_checkpoints_once_at_the_iteration_it_is_heard(monkeypatch, capsys, notice_from,
+                                                                           checkpoints):
+    import ray.train
+
+    fake = FakeTrain(notice_from)
+    monkeypatch.setattr(ray.train, "get_preemption_info", fake.get_preemption_info)
+    monkeypatch.setattr(ray.train, "report", fake.report)
+
+    def step(model, batch, optimizer, scheduler, device):
+        fake.iteration += 1
+        optimizer.step()
+        scheduler.step()
+        return {"loss_a": torch.tensor(1.0)}
+
+    monkeypatch.setattr(detector_loop, "train_step", step)
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    train_iterations(model, optimizer, scheduler, itertools.repeat([{}]), torch.device("cpu"), rank=0, world=1,
+                     start=0, max_iters=10, checkpoint_every=4, log_every_s=1e9, history=[])
+    assert fake.checkpoints == checkpoints
+    # Asked after every iteration until the notice came, never after it.
+    assert fake.asked == list(range(1, (notice_from or 10) + 1))
+    said = [line for line in capsys.readouterr().out.splitlines() if "preemption notice" in line]
+    assert said == ([] if notice_from is None else
+                    [f"preemption notice for node(s) {'a' * 12}: checkpoint at iteration {notice_from}/10"])
+
+
+def test_workers_ask_for_a_notice_a_hundred_times_per_checkpoint_interval(monkeypatch):
+    import ray.train
+
+    fake = FakeTrain(notice_from=7)
+    monkeypatch.setattr(ray.train, "get_preemption_info", fake.get_preemption_info)
+    monkeypatch.setattr(ray.train, "report", fake.report)
+
+    def step(*args):
+        fake.iteration += 1
+        return {"loss_a": torch.tensor(1.0)}
+
+    monkeypatch.setattr(detector_loop, "train_step", step)
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    every = 3 * NOTICE_ASKS_PER_CHECKPOINT  # asks every 3 iterations
+    train_iterations(model, optimizer, scheduler, itertools.repeat([{}]), torch.device("cpu"), rank=0, world=1,
+                     start=0, max_iters=10, checkpoint_every=every, log_every_s=1e9, history=[])
+    assert fake.asked == [3, 6, 9]  # the notice came after 7, heard at 9
+    assert fake.checkpoints == [9, 10]
+
+
+def test_a_tune_trial_reporting_itself_never_asks_for_a_notice(monkeypatch):
+    import ray.train
+
+    def refuse():
+        raise AssertionError("get_preemption_info is for Ray Train workers only")
+
+    monkeypatch.setattr(ray.train, "get_preemption_info", refuse)
+    monkeypatch.setattr(detector_loop, "train_step", lambda *args: {"loss_a": torch.tensor(1.0)})
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    reported = []
+    train_iterations(model, optimizer, scheduler, itertools.repeat([{}]), torch.device("cpu"), rank=0, world=1,
+                     start=0, max_iters=4, checkpoint_every=2, log_every_s=1e9, history=[], report=reported.append)
+    assert [r["iteration"] for r in reported] == [2, 4]
