@@ -2,9 +2,10 @@
 
 Training counts iterations, as the paper's does. Every ``checkpoint_every`` iterations, at
 the end, and on a preemption notice, a checkpoint is reported to Ray Train: model,
-optimiser, schedule, iteration, every rank's torch RNG state, loss history and whatever the step adds (Step 4: its
-evaluations). :func:`restore` starts a worker from the last one, so a resumed run continues
-the same stream as an uninterrupted one (the samplers draw from the seed and batch number).
+optimiser, schedule, iteration, every rank's torch RNG state, loss history and whatever the
+step adds (Step 4: its evaluations). :func:`restore` starts a worker from the last one, so a
+resumed run continues the same stream as an uninterrupted one (the samplers draw from the
+seed and batch number).
 """
 
 from __future__ import annotations
