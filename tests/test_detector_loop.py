@@ -34,6 +34,30 @@ class FakeTrain:
             self.checkpoints.append(state["iteration"])
 
 
+def run_loop(monkeypatch, fake: FakeTrain | None, max_iters: int, checkpoint_every: int, report=None) -> None:
+    """Ten-odd iterations of a linear model, each step counted by ``fake`` (ray.train's stand-in)."""
+    import ray.train
+
+    def refuse():
+        raise AssertionError("get_preemption_info is for Ray Train workers only")
+
+    def step(model, batch, optimizer, scheduler, device):
+        if fake is not None:
+            fake.iteration += 1
+        return {"loss_a": torch.tensor(1.0)}
+
+    monkeypatch.setattr(ray.train, "get_preemption_info", fake.get_preemption_info if fake else refuse)
+    if fake is not None:
+        monkeypatch.setattr(ray.train, "report", fake.report)
+    monkeypatch.setattr(detector_loop, "train_step", step)
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    train_iterations(model, optimizer, scheduler, itertools.repeat([{}]), torch.device("cpu"), rank=0, world=1,
+                     start=0, max_iters=max_iters, checkpoint_every=checkpoint_every, log_every_s=1e9, history=[],
+                     report=report)
+
+
 @pytest.mark.parametrize("notice_from, checkpoints", [
     (None, [4, 8, 10]),   # no notice: every 4 iterations and at the end
     (3, [3, 4, 8, 10]),   # a notice heard after iteration 3: one checkpoint at once, then as before
@@ -42,24 +66,8 @@ class FakeTrain:
 ])
 def test_a_preemption_notice_checkpoints_once_at_the_iteration_it_is_heard(monkeypatch, capsys, notice_from,
                                                                            checkpoints):
-    import ray.train
-
     fake = FakeTrain(notice_from)
-    monkeypatch.setattr(ray.train, "get_preemption_info", fake.get_preemption_info)
-    monkeypatch.setattr(ray.train, "report", fake.report)
-
-    def step(model, batch, optimizer, scheduler, device):
-        fake.iteration += 1
-        optimizer.step()
-        scheduler.step()
-        return {"loss_a": torch.tensor(1.0)}
-
-    monkeypatch.setattr(detector_loop, "train_step", step)
-    model = torch.nn.Linear(2, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    train_iterations(model, optimizer, scheduler, itertools.repeat([{}]), torch.device("cpu"), rank=0, world=1,
-                     start=0, max_iters=10, checkpoint_every=4, log_every_s=1e9, history=[])
+    run_loop(monkeypatch, fake, max_iters=10, checkpoint_every=4)
     assert fake.checkpoints == checkpoints
     # Asked after every iteration until the notice came, never after it.
     assert fake.asked == list(range(1, (notice_from or 10) + 1))
@@ -69,39 +77,13 @@ def test_a_preemption_notice_checkpoints_once_at_the_iteration_it_is_heard(monke
 
 
 def test_workers_ask_for_a_notice_a_hundred_times_per_checkpoint_interval(monkeypatch):
-    import ray.train
-
     fake = FakeTrain(notice_from=7)
-    monkeypatch.setattr(ray.train, "get_preemption_info", fake.get_preemption_info)
-    monkeypatch.setattr(ray.train, "report", fake.report)
-
-    def step(*args):
-        fake.iteration += 1
-        return {"loss_a": torch.tensor(1.0)}
-
-    monkeypatch.setattr(detector_loop, "train_step", step)
-    model = torch.nn.Linear(2, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    every = 3 * NOTICE_ASKS_PER_CHECKPOINT  # asks every 3 iterations
-    train_iterations(model, optimizer, scheduler, itertools.repeat([{}]), torch.device("cpu"), rank=0, world=1,
-                     start=0, max_iters=10, checkpoint_every=every, log_every_s=1e9, history=[])
+    run_loop(monkeypatch, fake, max_iters=10, checkpoint_every=3 * NOTICE_ASKS_PER_CHECKPOINT)  # asks every 3
     assert fake.asked == [3, 6, 9]  # the notice came after 7, heard at 9
     assert fake.checkpoints == [9, 10]
 
 
 def test_a_tune_trial_reporting_itself_never_asks_for_a_notice(monkeypatch):
-    import ray.train
-
-    def refuse():
-        raise AssertionError("get_preemption_info is for Ray Train workers only")
-
-    monkeypatch.setattr(ray.train, "get_preemption_info", refuse)
-    monkeypatch.setattr(detector_loop, "train_step", lambda *args: {"loss_a": torch.tensor(1.0)})
-    model = torch.nn.Linear(2, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     reported = []
-    train_iterations(model, optimizer, scheduler, itertools.repeat([{}]), torch.device("cpu"), rank=0, world=1,
-                     start=0, max_iters=4, checkpoint_every=2, log_every_s=1e9, history=[], report=reported.append)
+    run_loop(monkeypatch, None, max_iters=4, checkpoint_every=2, report=reported.append)
     assert [r["iteration"] for r in reported] == [2, 4]
