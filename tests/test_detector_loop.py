@@ -35,7 +35,8 @@ class FakeTrain:
 
 
 def run_loop(monkeypatch, fake: FakeTrain | None, max_iters: int, checkpoint_every: int, report=None) -> None:
-    """Ten-odd iterations of a linear model, each step counted by ``fake`` (ray.train's stand-in)."""
+    """``max_iters`` iterations of a linear model, each counted by ``fake`` (ray.train's stand-in; None: a
+    loop that must never ask Ray Train for a notice)."""
     import ray.train
 
     def refuse():
