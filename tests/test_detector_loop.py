@@ -21,6 +21,7 @@ class FakeTrain:
         self.notice_from, self.iteration, self.asked = notice_from, 0, []
         self.info = PreemptionInfo(deadline_ms=None, preempted_node_to_ranks={"a" * 56: [0]})
         self.checkpoints: list[int] = []
+        self.saved_history: list[list[int]] = []  # per checkpoint, the iterations of its history rows
 
     def get_preemption_info(self):
         self.asked.append(self.iteration)
@@ -32,11 +33,12 @@ class FakeTrain:
                 state = torch.load(os.path.join(directory, STATE_FILE), weights_only=True)
             assert state["iteration"] == metrics["iteration"]
             self.checkpoints.append(state["iteration"])
+            self.saved_history.append([row["iteration"] for row in state["history"]])
 
 
-def run_loop(monkeypatch, fake: FakeTrain | None, max_iters: int, checkpoint_every: int, report=None) -> None:
+def run_loop(monkeypatch, fake: FakeTrain | None, max_iters: int, checkpoint_every: int, **options) -> list[dict]:
     """``max_iters`` iterations of a linear model, each counted by ``fake`` (ray.train's stand-in; None: a
-    loop that must never ask Ray Train for a notice)."""
+    loop that must never ask Ray Train for a notice); ``options`` go to ``train_iterations``. Returns the history."""
     import ray.train
 
     def refuse():
@@ -54,9 +56,11 @@ def run_loop(monkeypatch, fake: FakeTrain | None, max_iters: int, checkpoint_eve
     model = torch.nn.Linear(2, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    history: list[dict] = []
     train_iterations(model, optimizer, scheduler, itertools.repeat([{}]), torch.device("cpu"), rank=0, world=1,
-                     start=0, max_iters=max_iters, checkpoint_every=checkpoint_every, log_every_s=1e9, history=[],
-                     report=report)
+                     start=0, max_iters=max_iters, checkpoint_every=checkpoint_every, log_every_s=1e9, history=history,
+                     **options)
+    return history
 
 
 @pytest.mark.parametrize("notice_from, checkpoints", [
@@ -68,13 +72,17 @@ def run_loop(monkeypatch, fake: FakeTrain | None, max_iters: int, checkpoint_eve
 def test_a_preemption_notice_checkpoints_once_at_the_iteration_it_is_heard(monkeypatch, capsys, notice_from,
                                                                            checkpoints):
     fake = FakeTrain(notice_from)
-    run_loop(monkeypatch, fake, max_iters=10, checkpoint_every=4)
+    history = run_loop(monkeypatch, fake, max_iters=10, checkpoint_every=4)
     assert fake.checkpoints == checkpoints
+    # The notice's checkpoint adds no history row: the rows stay those of the regular checkpoints.
+    assert [row["iteration"] for row in history] == [4, 8, 10]
+    assert fake.saved_history == [[i for i in (4, 8, 10) if i <= at] for at in checkpoints]
     # Asked after every iteration until the notice came, never after it.
     assert fake.asked == list(range(1, (notice_from or 10) + 1))
     said = [line for line in capsys.readouterr().out.splitlines() if "preemption notice" in line]
     assert said == ([] if notice_from is None else
-                    [f"preemption notice for node(s) {'a' * 12}: checkpoint at iteration {notice_from}/10"])
+                    [f"preemption notice for node(s) {'a' * 12}: checkpoint at iteration {notice_from}/10 handed "
+                     "to Ray Train"])
 
 
 def test_workers_ask_for_a_notice_a_hundred_times_per_checkpoint_interval(monkeypatch):
@@ -84,7 +92,20 @@ def test_workers_ask_for_a_notice_a_hundred_times_per_checkpoint_interval(monkey
     assert fake.checkpoints == [9, 10]
 
 
-def test_a_tune_trial_reporting_itself_never_asks_for_a_notice(monkeypatch):
-    reported = []
+def test_a_notice_at_an_evaluation_keeps_that_evaluations_row(monkeypatch):
+    fake = FakeTrain(notice_from=3)
+    history = run_loop(monkeypatch, fake, max_iters=6, checkpoint_every=4, eval_every=3,
+                       evaluate=lambda done: {"AP50": float(done)})
+    assert fake.checkpoints == [3, 4, 6]
+    assert [(row["iteration"], row.get("AP50")) for row in history] == [(3, 3.0), (4, None), (6, 6.0)]
+
+
+def test_a_tune_trial_never_asks_for_a_notice(monkeypatch):
+    reported = []  # a trial that trains in its own process reports itself
     run_loop(monkeypatch, None, max_iters=4, checkpoint_every=2, report=reported.append)
     assert [r["iteration"] for r in reported] == [2, 4]
+    # A trial running Ray Train: every report must carry the trial's metric, so no notice checkpoint.
+    fake = FakeTrain(notice_from=None)
+    fake.get_preemption_info = lambda: pytest.fail("asked for a notice")
+    run_loop(monkeypatch, fake, max_iters=4, checkpoint_every=2, checkpoint_on_notice=False)
+    assert fake.checkpoints == [2, 4]

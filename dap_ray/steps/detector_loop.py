@@ -26,10 +26,12 @@ from dap_ray.progress import Progress
 __all__ = ["STATE_FILE", "restore", "train_iterations"]
 
 STATE_FILE = "state.pt"
-# How often a worker asks Ray Train whether a node is to be preempted, per checkpoint interval: each
-# ask is a barrier through Ray Train's synchronisation actor (2-3 ms on an idle 2-core machine with
-# one or two workers), so the default intervals (2,000 and 1,000 iterations) ask every 20 and 10
-# iterations, a few seconds on a GPU, well inside a cloud's 30 s to 2 min notice.
+# How often a worker asks Ray Train whether a node is to be preempted, per checkpoint interval. Each
+# ask is a barrier of all ranks through Ray Train's synchronisation actor, which lives on the
+# controller's node: 2-3 ms on an idle 2-core machine with one or two workers, a cross-node round
+# trip after the slowest rank on a cluster. The default intervals (2,000 and 1,000 iterations) ask
+# every 20 and 10 iterations, a few seconds on a GPU, well inside a cloud's 30 s to 2 min notice;
+# intervals under 200 iterations ask at every one.
 NOTICE_ASKS_PER_CHECKPOINT = 100
 
 
@@ -59,7 +61,7 @@ def train_iterations(model, optimizer, scheduler, batches: Iterator[list[dict]],
                      start: int, max_iters: int, checkpoint_every: int, log_every_s: float, history: list,
                      eval_every: int | None = None, evaluate: Callable[[int], dict] | None = None,
                      extra_state: Callable[[], dict] | None = None, report: Callable | None = None,
-                     rng_state: list | None = None) -> None:
+                     rng_state: list | None = None, checkpoint_on_notice: bool = True) -> None:
     """Train from iteration ``start`` to ``max_iters`` on ``batches`` (this rank's endless stream).
 
     A progress line every ``log_every_s`` seconds (rank 0), ending with the share done and the
@@ -73,7 +75,9 @@ def train_iterations(model, optimizer, scheduler, batches: Iterator[list[dict]],
     is to be reclaimed (a spot instance's notice: the node drained with the PREEMPTION reason),
     a checkpoint is written once, at the next of the iterations where the workers ask (every
     ``checkpoint_every / NOTICE_ASKS_PER_CHECKPOINT``), and training goes on: the restarted
-    run resumes there instead of at the last regular checkpoint. ``report(metrics)``, when
+    run resumes there instead of at the last regular checkpoint. That checkpoint adds no row to
+    ``history`` and leaves the loss window open; ``checkpoint_on_notice=False`` turns it off
+    (a Tune trial running Ray Train, whose every report must carry the trial's metric). ``report(metrics)``, when
     given, takes the metrics instead of Ray Train, and no checkpoint is written (a Tune trial that trains in its own
     process). ``rng_state``: the checkpoint's per-rank torch RNG states, set here, after the
     caller made its data iterator (which draws from the RNG), so that a resumed run's draws
@@ -101,17 +105,14 @@ def train_iterations(model, optimizer, scheduler, batches: Iterator[list[dict]],
         window_images += len(batch)
         done = iteration + 1
         now = time.perf_counter()
-        is_checkpoint = done % checkpoint_every == 0 or done == max_iters
+        regular = done % checkpoint_every == 0 or done == max_iters
         # Every rank asks at the same iterations: the call agrees rank 0's answer across ranks.
-        ask = report is None and not notice_saved and done % notice_every == 0
+        ask = checkpoint_on_notice and report is None and not notice_saved and done % notice_every == 0
         notice = ray.train.get_preemption_info() if ask else None
-        if notice is not None:
-            notice_saved = is_checkpoint = True
-            if rank == 0:
-                left = "" if notice.deadline_ms is None else f", {notice.deadline_ms / 1000 - time.time():.0f} s before it"
-                print(f"preemption notice for node(s) {', '.join(n[:12] for n in notice.preempted_node_ids)}{left}: "
-                      f"checkpoint at iteration {done}/{max_iters}", flush=True)
+        notice_saved = notice_saved or notice is not None
+        is_checkpoint = regular or notice is not None
         is_eval = evaluate is not None and (done % (eval_every or checkpoint_every) == 0 or done == max_iters)
+        notice_only = notice is not None and not (regular or is_eval)
         printing = rank == 0 and progress.due()
         if not (printing or is_checkpoint or is_eval):
             continue
@@ -135,7 +136,8 @@ def train_iterations(model, optimizer, scheduler, batches: Iterator[list[dict]],
         metrics = dict(means)
         metrics.update(iteration=done, lr=scheduler.get_last_lr()[0],
                        images_per_s=window_images * world / (now - window_start))
-        history.append(metrics)
+        if not notice_only:
+            history.append(metrics)
         if is_eval:
             metrics.update(evaluate(done))
             model.train()
@@ -157,5 +159,11 @@ def train_iterations(model, optimizer, scheduler, batches: Iterator[list[dict]],
                            os.path.join(directory, STATE_FILE))
                 saved = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=saved)
+        if notice is not None and rank == 0:
+            left = "" if notice.deadline_ms is None else f", {notice.deadline_ms / 1000 - time.time():.0f} s before it"
+            print(f"preemption notice for node(s) {', '.join(n[:12] for n in notice.preempted_node_ids)}{left}: "
+                  f"checkpoint at iteration {done}/{max_iters} handed to Ray Train", flush=True)
+        if notice_only:
+            continue  # the loss window goes on to the next regular checkpoint
         rows, window_images = [], 0
         window_start = time.perf_counter()

@@ -386,7 +386,9 @@ def _evaluate(model, test: DetectionSet, cfg: FinetuneConfig, rank: int, world: 
 
 
 def _train_loop(loop_config: dict) -> None:
-    """Runs on every Ray Train worker."""
+    """Runs on every Ray Train worker. ``loop_config``: the config, the train and test sets, the seed,
+    the output folder, and ``checkpoint_on_notice`` (False in a Tune trial: see
+    :func:`~dap_ray.steps.detector_loop.train_iterations`)."""
     import ray.train.torch
 
     cfg = FinetuneConfig(**loop_config["config"])
@@ -427,7 +429,8 @@ def _train_loop(loop_config: dict) -> None:
     train_iterations(model, optimizer, scheduler, iter(loader), device, rank=rank, world=world, start=start,
                      max_iters=cfg.max_iters, checkpoint_every=cfg.checkpoint_every, log_every_s=cfg.log_every_s,
                      history=state.get("history", []), eval_every=cfg.eval_every, evaluate=evaluate,
-                     extra_state=lambda: {"evaluations": evaluations, **final}, rng_state=state.get("rng"))
+                     extra_state=lambda: {"evaluations": evaluations, **final}, rng_state=state.get("rng"),
+                     checkpoint_on_notice=loop_config.get("checkpoint_on_notice", True))
 
 
 def _detections_tensor(results: list[dict]) -> torch.Tensor:

@@ -690,8 +690,9 @@ def _finetune_trial(config: dict, base: dict, train, val, seed: int, workers: in
 
         # Ray Train reports the metrics of the loop; ASHA then compares trials by iteration.
         trial = Path(ray.tune.get_context().get_trial_dir())
+        # Every report must carry AP50 for Tune, so no extra checkpoint on a preemption notice.
         fit_torch_trainer(_train_loop, {"config": config_to_dict(cfg), "train": train, "test": val, "seed": seed,
-                                        "output": str(trial)},
+                                        "output": str(trial), "checkpoint_on_notice": False},
                           name=f"train-{ray.tune.get_context().get_trial_id()}", storage=trial / "train",
                           num_workers=workers, use_gpu=cfg.use_gpu, cpus=1, max_failures=0, state_file=None,
                           callbacks=[TuneReportCallback()])

@@ -104,9 +104,9 @@ def test_pretraining_survives_a_preemption_and_a_node_loss(node_cluster, pseudo_
     top_up(node_cluster)
     boxes_dir, _, weights = pseudo_run
     run = tmp_path / "run"
-    # The notice 6 s before the kill (clouds give 30 s to 2 min): Ray Train hears it within a second, the
+    # The notice 8 s before the kill (clouds give 30 s to 2 min): Ray Train hears it within a second, the
     # worker checkpoints at its next iteration, and the controller takes the checkpoint at its next poll (every 2 s).
-    losses = LossSequence(node_cluster, "RayTrainWorker", checkpointed(run / "ray"), notice_s=6.0)
+    losses = LossSequence(node_cluster, "RayTrainWorker", checkpointed(run / "ray"), notice_s=8.0)
     losses.start()
     meta = pretrain(PretrainConfig(
         boxes=str(boxes_dir), output=str(run), backbone=SLOW, backbone_weights=str(weights), num_workers=1,
@@ -129,7 +129,7 @@ def test_finetuning_survives_a_preemption_and_a_node_loss(node_cluster, tmp_path
     data = make_downstream_sample(tmp_path / "downstream",
                                   DownstreamSampleConfig(num_train=16, num_test=4, num_classes=3, image_size=64))
     run = tmp_path / "run"
-    losses = LossSequence(node_cluster, "RayTrainWorker", checkpointed(run / "ray"), notice_s=6.0)
+    losses = LossSequence(node_cluster, "RayTrainWorker", checkpointed(run / "ray"), notice_s=8.0)
     losses.start()
     meta = finetune(FinetuneConfig(
         train=str(data / "coco" / "train.json"), test=str(data / "coco" / "test.json"), train_images=str(data / "images"),
