@@ -79,9 +79,10 @@ def train_iterations(model, optimizer, scheduler, batches: Iterator[list[dict]],
     ``history`` and leaves the loss window open; ``checkpoint_on_notice=False`` turns it off
     (a Tune trial running Ray Train, whose every report must carry the trial's metric).
     ``report(metrics)``, when given, takes the metrics instead of Ray Train, and no checkpoint
-    is written (a Tune trial that trains in its own process). ``rng_state``: the checkpoint's per-rank torch RNG states, set here, after the
-    caller made its data iterator (which draws from the RNG), so that a resumed run's draws
-    (proposal sampling) continue exactly where the uninterrupted run's were.
+    is written (a Tune trial that trains in its own process). ``rng_state``: the checkpoint's
+    per-rank torch RNG states, set here, after the caller made its data iterator (which draws
+    from the RNG), so that a resumed run's draws (proposal sampling) continue exactly where the
+    uninterrupted run's were.
     """
     import ray.train
     import torch.distributed as dist

@@ -27,15 +27,21 @@ def checkpointed(storage: Path):
     return progressed
 
 
+def worker_logs(nodes) -> list[list[str]]:
+    """The lines of each Ray worker's stdout file in ``nodes``' session (each Ray Train attempt is a new
+    worker process; files of dead nodes stay on this machine's disk)."""
+    return [path.read_text(errors="replace").splitlines()
+            for path in Path(nodes.tmp).glob("ray/session_2*/logs/worker-*.out")]  # not session_latest, a link
+
+
 def redone(nodes, progress: str, resumed: str, per_unit: int = 1) -> list[int]:
     """Work done twice, in iterations (or steps), once per resume: how far the lost attempt's progress
-    lines had gone past the checkpoint the next attempt resumed from. Read from the workers' own log
-    files (each attempt is a new worker process; files of dead nodes stay on this machine's disk).
+    lines had gone past the checkpoint the next attempt resumed from, read from :func:`worker_logs`.
     ``progress``/``resumed``: patterns whose groups give the position (iteration, or epoch and step)."""
     attempts = []
-    for path in Path(nodes.tmp).glob("ray/session_2*/logs/worker-*.out"):  # not session_latest, a link
+    for lines in worker_logs(nodes):
         start, reached = None, None
-        for line in path.read_text(errors="replace").splitlines():
+        for line in lines:
             if (m := re.search(resumed, line)):
                 start = int(m.group(1)) * per_unit
             elif (m := re.search(progress, line)):
@@ -50,8 +56,7 @@ def redone(nodes, progress: str, resumed: str, per_unit: int = 1) -> list[int]:
 
 def worker_lines(nodes, pattern: str) -> list[int]:
     """The first group of ``pattern`` in every line of the workers' logs that matches, as integers."""
-    return sorted(int(m.group(1)) for path in Path(nodes.tmp).glob("ray/session_2*/logs/worker-*.out")
-                  for line in path.read_text(errors="replace").splitlines() if (m := re.search(pattern, line)))
+    return sorted(int(m.group(1)) for lines in worker_logs(nodes) for line in lines if (m := re.search(pattern, line)))
 
 
 def resumed_at_the_notice(nodes, total: int) -> tuple[int, int]:
