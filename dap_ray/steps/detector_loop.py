@@ -28,10 +28,11 @@ __all__ = ["STATE_FILE", "restore", "train_iterations"]
 STATE_FILE = "state.pt"
 # How often a worker asks Ray Train whether a node is to be preempted, per checkpoint interval. Each
 # ask is a barrier of all ranks through Ray Train's synchronisation actor, which lives on the
-# controller's node: 2-3 ms on an idle 2-core machine with one or two workers, a cross-node round
-# trip after the slowest rank on a cluster. The default intervals (2,000 and 1,000 iterations) ask
-# every 20 and 10 iterations, a few seconds on a GPU, well inside a cloud's 30 s to 2 min notice;
-# intervals under 200 iterations ask at every one.
+# controller's node: 1.2 ms with one worker, 2.7 ms with two on an idle 2-core machine
+# (benchmarks/bench_preemption_ask.py), a cross-node round trip after the slowest rank on a
+# cluster. The default intervals (2,000 and 1,000 iterations) ask every 20 and 10 iterations, a
+# few seconds on a GPU, well inside a cloud's 30 s to 2 min notice; intervals under 200
+# iterations ask at every one.
 NOTICE_ASKS_PER_CHECKPOINT = 100
 
 
