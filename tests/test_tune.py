@@ -188,6 +188,9 @@ def test_a_killed_sweep_resumes_without_redoing_finished_trials(sweep_inputs, tm
     after = finished_trials(output)
     assert len(after) == 8  # 2 threshold sets x 2 NMS IoUs x 2 size rules, the default among them
     assert all(after[name] == stamp for name, stamp in before.items())  # finished trials were not run again
+    counts = [int(line.split("/")[0].removeprefix("box grid: ")) for line in rerun.stdout.splitlines()
+              if line.startswith("box grid: ")]
+    assert counts == list(range(len(terminated) + 1, 9)), rerun.stdout[-2000:]  # counted on from the kept ones
     assert "using the cached CAMs" in rerun.stdout
     best = yaml.safe_load((output / "best.yaml").read_text())
     assert set(best) == {"thresholds", "nms_iou", "preset", "size_measure"}
@@ -233,6 +236,30 @@ def test_the_concurrency_limit_reaches_the_grid_generator():
     config = grid_tune_config(2, seed=3)
     assert config.max_concurrent_trials is None and config.search_alg.max_concurrent == 2
     assert (config.metric, config.mode) == ("AP50", "max")
+
+
+def test_trial_lines_restored_from_a_sweeps_state_time_only_their_own_trials(capsys):
+    """Regression: Tune pickles a sweep's callbacks into tuner.pkl. The callback was a class defined
+    in a function, pickled with its code, so a sweep resumed after an upgrade ran the old callback
+    against the new Progress, and its AttributeError turned each finished trial into an errored one
+    that ran again. It must pickle by name (plain pickle refuses code), and a restored one starts
+    its own clock with the trials already finished counted as done before it."""
+    import pickle
+    from types import SimpleNamespace
+
+    from dap_ray.steps.tune_callbacks import TrialLines
+
+    trials = [SimpleNamespace(status=s) for s in ("TERMINATED", "ERROR", "RUNNING", "PENDING")]
+    first = TrialLines(4, "K = 5, round 1")
+    first.on_step_begin(0, trials[:1])
+    restored = pickle.loads(pickle.dumps(first))
+    restored.on_step_begin(0, trials)
+    time.sleep(0.2)
+    restored.on_trial_complete(1, trials, trials[2])
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("K = 5, round 1: 3/4 trials (75%), "), line
+    rate = float(line.split(", ")[2].removesuffix(" trials/s"))
+    assert 0 < rate <= 1 / 0.2  # one trial finished in this process, in at least 0.2 s
 
 
 def test_the_box_search_tries_the_papers_setting_first_and_reports_on_held_out_images(ray_session, sweep_inputs,

@@ -239,33 +239,16 @@ def _tuner(experiment: Path, trainable, space: dict, tune_config, trials: int, l
     many are done, the rate and the time left (Tune's own table is off, ``verbose=0``)."""
     import ray.tune
 
+    from dap_ray.steps.tune_callbacks import TrialLines
+
     if ray.tune.Tuner.can_restore(str(experiment)):
         print(f"resuming the sweep in {experiment}: finished trials are kept", flush=True)
         return ray.tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True,
                                       resume_errored=False, restart_errored=True)
     return ray.tune.Tuner(trainable, param_space=space, tune_config=tune_config,
                           run_config=ray.tune.RunConfig(name=experiment.name, storage_path=str(experiment.parent),
-                                                        verbose=0, callbacks=[_trial_lines(trials, label)],
+                                                        verbose=0, callbacks=[TrialLines(trials, label)],
                                                         failure_config=ray.tune.FailureConfig(max_failures=TRIAL_RETRIES)))
-
-
-def _trial_lines(trials: int, label: str):
-    """A Tune callback printing, as each trial ends, ``LABEL: 3/48 trials (6%), 0.05 trials/s,
-    15m 00s left``."""
-    import ray.tune
-
-    from dap_ray.progress import Progress
-
-    class TrialLines(ray.tune.Callback):
-        def __init__(self) -> None:
-            self.lines = Progress(trials, "trials", every_s=0)
-
-        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-            # The ending trial is not marked terminated yet when Tune calls this.
-            done = 1 + sum(t is not trial and t.status in ("TERMINATED", "ERROR") for t in trials)
-            print(f"{label}: {self.lines.line(done)}", flush=True)
-
-    return TrialLines()
 
 
 def tune_boxes(cfg: TuneBoxesConfig) -> dict:
