@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["SearchRange", "describe_edge", "describe_rounds", "edges_hit", "extend", "threshold_set"]
+__all__ = ["SearchRange", "covering_ranges", "describe_edge", "describe_rounds", "edges_hit", "extend",
+           "threshold_set"]
 
 # A best value within this share of a range's width from an edge counts as on the edge (a
 # sampler rarely draws the bound itself).
@@ -119,6 +120,25 @@ def extend(ranges: list[SearchRange], hits: list[dict]) -> list[SearchRange]:
     """``ranges`` with each growable hit's range grown past the edge it hit."""
     sides = {hit["name"]: hit["side"] for hit in hits if hit["growable"]}
     return [r.grown(sides[r.name]) if r.name in sides else r for r in ranges]
+
+
+def covering_ranges(searched: list[dict[str, list[float]]], limits: list[SearchRange]) -> dict[str, list[float]]:
+    """The smallest ranges covering each of ``searched`` (every one ``{name: [low, high]}``, as a
+    search's round records them), held within the hard limits of ``limits`` (the ranges the
+    searches started from). Two searches that must compare (the tuned loop's CLS and DAP at one
+    K) are fair only over the same ranges: the one whose final ranges fall short of these is
+    searched again over them. No searches: the starting ranges. Raises ValueError when the
+    searches name other parameters than ``limits``."""
+    names = [r.name for r in limits]
+    for ranges in searched:
+        if sorted(ranges) != sorted(names):
+            raise ValueError(f"ranges over {sorted(ranges)} cannot be matched with ranges over {sorted(names)}")
+    covering = {}
+    for limit in limits:
+        low = min([ranges[limit.name][0] for ranges in searched] or [limit.low])
+        high = max([ranges[limit.name][1] for ranges in searched] or [limit.high])
+        covering[limit.name] = [max(limit.limit_low, low), min(limit.limit_high, high)]
+    return covering
 
 
 def threshold_set(start: float, step: float, count: int) -> tuple[float, ...]:

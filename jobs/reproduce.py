@@ -9,7 +9,8 @@ at K = 5, 10, 20 images per class and all images, three seeds each, the same ite
 
 --tuned: the box setting searched on held-out true boxes -> mining with it -> a pre-training
 on those boxes -> a k-shot schedule searched per K and per initialisation (CLS and DAP each
-get their own) -> the test split once per seed; OUTPUT/tuned/results.md puts its table beside
+get their own; where one search grew a range the other never tried, that one is searched again
+over the ranges covering both and keeps its better schedule) -> the test split once per seed; OUTPUT/tuned/results.md puts its table beside
 the preset grid's when OUTPUT/results.json holds one. jobs/gain_study.py builds on it.
 
 Writes OUTPUT/results.json, results.md (AP and AP50, mean +- std, DAP minus CLS),

@@ -64,6 +64,13 @@ def test_the_tuned_loop_runs_every_stage_once_and_a_rerun_finds_them_done(ray_se
         metrics = [json.loads(line) for line in (folder / f"{label}_2" / "metrics.jsonl").read_text().splitlines()]
         assert [m["iteration"] for m in metrics if "AP" in m] == [2]  # the test split once, at the end
     assert "| tuned | 2 | 2 it, lr 0.01 |" in (folder / "results.md").read_text()
+    # Both searches ended over the same (one-point) ranges: neither is searched again, each keeps its own.
+    for label in ("cls", "dap"):
+        choice = json.loads((folder / f"kshot_{label}" / "k2_choice.json").read_text())
+        assert choice["search"] == "k2" and choice["matched"] is None and choice["covering"] == {
+            "max_iters": [2, 2], "lr": [pytest.approx(0.01), pytest.approx(0.01)]}
+    assert "- K = 2, DAP: searched over max_iters [2, 2], lr [0.01, 0.01] (1 trial;" in (
+        folder / "results.md").read_text()
     again = reproduce(cfg)  # every stage found done
     assert again["rows"] == table["rows"]
     # Another K later: K = 2's search and runs are reused, K = 3 gets its own, each written as it ends.
@@ -87,6 +94,93 @@ def test_the_tuned_loop_runs_every_stage_once_and_a_rerun_finds_them_done(ray_se
     assert config["boxes"].endswith("true_boxes/boxes") and config["max_iters"] == 2
     assert (folder.parent / "study" / "gain.png").is_file()
     assert "| 2 iterations on true boxes | 1.000 |" in (folder.parent / "study" / "results.md").read_text()
+
+
+def _fake_search(outcomes: dict, calls: list):
+    """A stand-in for the loop's k-shot search: ``outcomes[(init, folder name)]`` is the search's
+    final iterations range (the lr range stays the loop's), its best iterations and lr and its
+    validation AP50. Writes the schedule file a search writes; records each call."""
+    from dap_ray.search import SearchRange, edges_hit
+
+    def search(init, where, k, iterations_range, lr_range, extend_rounds):
+        calls.append((init, where.name, tuple(iterations_range), tuple(lr_range), extend_rounds))
+        final, iters, lr, val = outcomes[(init, where.name)]
+        final = final or list(iterations_range)
+        ranges = [SearchRange("max_iters", *final, limit_low=1, limit_high=4 * iterations_range[1], log=True,
+                              integer=True), SearchRange("lr", *lr_range, limit_low=1e-5, limit_high=0.2, log=True)]
+        best = {"max_iters": iters, "lr": lr, "val_AP50": val}
+        where.mkdir(parents=True, exist_ok=True)
+        (where / "kshot_preset.yaml").write_text(yaml.safe_dump({"shots": {k: {"max_iters": iters, "lr": lr}}}))
+        return {"shots": {k: best}, "rounds": {k: [
+            {"round": 1, "ranges": {r.name: [r.low, r.high] for r in ranges}, "trials": 6, "best_val_AP50": val,
+             "edges": edges_hit(ranges, best)}]}}
+    return search
+
+
+LOOP_RANGE = [20, 160]
+
+
+@pytest.mark.parametrize("outcomes, searched_again, chosen", [
+    # Both searches ended over the loop's ranges: nothing to match.
+    ({("cls", "k10"): (None, 62, 0.014, 40.2), ("dap", "k10"): (None, 69, 0.0075, 47.6)}, [], {}),
+    # The loop at K = 10: CLS's search grew to 640 iterations, DAP's best lay inside 20-160. DAP is
+    # searched again over 20-640, one round, and keeps the second search, which validated better.
+    ({("cls", "k10"): ([20, 640], 359, 0.0038, 64.3), ("dap", "k10"): (None, 125, 0.027, 58.2),
+      ("dap", "k10_matched"): ([20, 640], 543, 0.0207, 66.0)},
+     [("dap", "k10_matched", (20, 640), (0.001, 0.04), 0)], {"DAP": "k10_matched"}),
+    # The second search did worse: the first's schedule stays.
+    ({("cls", "k10"): ([20, 640], 359, 0.0038, 64.3), ("dap", "k10"): (None, 125, 0.027, 58.2),
+      ("dap", "k10_matched"): ([20, 640], 300, 0.001, 50.0)},
+     [("dap", "k10_matched", (20, 640), (0.001, 0.04), 0)], {}),
+])
+def test_the_tuned_loop_searches_the_initialisation_whose_ranges_fell_short_again(outcomes, searched_again, chosen,
+                                                                                tmp_path):
+    from dap_ray.steps.reproduce import (
+        ReproduceConfig,
+        _kshot_schedules,
+        _markdown_tuned,
+        kshot_schedule_file,
+        tuned_run_folder,
+    )
+
+    calls: list = []
+    cfg = ReproduceConfig(output=str(tmp_path), tuned=True, shots=("10",), kshot_iterations_range=tuple(LOOP_RANGE))
+    choices = _kshot_schedules(cfg, tmp_path, 10, {"CLS": "cls", "DAP": "dap"}, _fake_search(outcomes, calls))
+    assert calls[:2] == [("cls", "k10", (20, 160), (0.001, 0.04), 1), ("dap", "k10", (20, 160), (0.001, 0.04), 1)]
+    assert calls[2:] == searched_again
+    for label in ("CLS", "DAP"):
+        search = chosen.get(label, "k10")
+        _, iters, lr, val = outcomes[(label.lower(), search)]
+        assert {k: choices[label][k] for k in ("max_iters", "lr", "val_AP50", "search")} == {
+            "max_iters": iters, "lr": lr, "val_AP50": val, "search": search}
+        assert (choices[label]["matched"] is None) == ((label.lower(), "k10_matched") not in outcomes)
+        # The fine-tunes and the gain study read the choice back: the schedule and a run folder of its own.
+        assert kshot_schedule_file(tmp_path, label, 10) == tmp_path / f"kshot_{label.lower()}" / search / (
+            "kshot_preset.yaml")
+        assert tuned_run_folder(tmp_path, label, 10).name == f"{label.lower()}_10" + (
+            "_matched" if search.endswith("_matched") else "")
+    table = {"seeds": [0], "pretrain_iters": 400, "box_setting": {}, "box_search": {}, "inits": {"CLS": 0, "DAP": 0},
+             "shots": ["10"], "schedules": {label: {"choices": {"10": choices[label]}} for label in choices},
+             "rows": {"10": {**{label: {"schedule": choices[label], **{m: {"mean": 1.0, "std": 0.0} for m in
+                                                                        ("AP", "AP50")}} for label in choices},
+                             "DAP-CLS": {m: {"mean": 0.0, "std": 0.0} for m in ("AP", "AP50")}}}}
+    text = _markdown_tuned(table, None)
+    assert "| +0.0 ± 0.0 |" in text  # differences carry their sign
+    assert ("then again over the ranges covering both" in text) == bool(searched_again)
+
+
+def test_a_schedule_on_the_loops_limit_says_so(tmp_path):
+    from dap_ray.steps.reproduce import ReproduceConfig, _kshot_schedules
+
+    outcomes = {("cls", "k10"): ([20, 640], 359, 0.0038, 64.3), ("dap", "k10"): (None, 125, 0.027, 58.2),
+                ("dap", "k10_matched"): ([20, 640], 635, 0.0207, 66.0)}
+    cfg = ReproduceConfig(output=str(tmp_path), tuned=True, shots=("10",), kshot_iterations_range=tuple(LOOP_RANGE))
+    choices = _kshot_schedules(cfg, tmp_path, 10, {"CLS": "cls", "DAP": "dap"}, _fake_search(outcomes, []))
+    (edge,) = choices["DAP"]["edges"]
+    assert edge["side"] == "high" and edge["note"] == (
+        "the best max_iters 635 sits on the high edge of [20, 640], the loop's limit: not searched past it (a better "
+        "schedule may lie beyond)")
+    assert json.loads((tmp_path / "kshot_dap" / "k10_choice.json").read_text())["edges"] == [edge]
 
 
 @pytest.mark.parametrize("job, arguments, message", [

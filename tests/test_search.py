@@ -3,7 +3,15 @@ hard limits, and the threshold sets the box search draws. Plain Python, no Ray."
 
 import pytest
 
-from dap_ray.search import SearchRange, describe_edge, describe_rounds, edges_hit, extend, threshold_set
+from dap_ray.search import (
+    SearchRange,
+    covering_ranges,
+    describe_edge,
+    describe_rounds,
+    edges_hit,
+    extend,
+    threshold_set,
+)
 
 NMS = SearchRange("nms_iou", 0.5, 0.9, limit_low=0.3, limit_high=1.0)
 LR = SearchRange("lr", 0.001, 0.04, limit_low=1e-5, limit_high=0.2, log=True)
@@ -57,6 +65,30 @@ def test_ranges_grow_past_the_edge_hit_to_their_hard_limits():
 def test_bad_ranges_are_refused_by_name(arguments, message):
     with pytest.raises(ValueError, match=message):
         SearchRange(*arguments)
+
+
+ITERS = SearchRange("max_iters", 20, 160, limit_low=1, limit_high=640, log=True, integer=True)
+
+
+@pytest.mark.parametrize("searched, expected", [
+    ([], {"max_iters": [20, 160], "lr": [0.001, 0.04]}),  # nothing searched: the starting ranges
+    ([{"max_iters": [20, 160], "lr": [0.001, 0.04]}] * 2, {"max_iters": [20, 160], "lr": [0.001, 0.04]}),
+    # The tuned loop at K = 10: CLS grew its iterations to 640, DAP did not; DAP is searched over CLS's.
+    ([{"max_iters": [20, 640], "lr": [0.001, 0.04]}, {"max_iters": [20, 160], "lr": [0.001, 0.04]}],
+     {"max_iters": [20, 640], "lr": [0.001, 0.04]}),
+    # Each grew a different range: the covering ranges take both, and neither search had them.
+    ([{"max_iters": [20, 640], "lr": [0.001, 0.04]}, {"max_iters": [20, 160], "lr": [2.5e-5, 0.04]}],
+     {"max_iters": [20, 640], "lr": [2.5e-5, 0.04]}),
+    # Held within the hard limits, whatever a search recorded.
+    ([{"max_iters": [1, 2560], "lr": [0.001, 0.5]}], {"max_iters": [1, 640], "lr": [0.001, 0.2]}),
+])
+def test_covering_ranges(searched, expected):
+    assert covering_ranges(searched, [ITERS, LR]) == expected
+
+
+def test_covering_ranges_refuse_searches_over_other_parameters():
+    with pytest.raises(ValueError, match=r"ranges over \['lr'\] cannot be matched"):
+        covering_ranges([{"lr": [0.001, 0.04]}], [ITERS, LR])
 
 
 @pytest.mark.parametrize("start, step, count, expected", [

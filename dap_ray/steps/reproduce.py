@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ReproduceConfig", "kshot_schedule_file", "reproduce", "reproduce_tuned"]
+__all__ = ["ReproduceConfig", "kshot_schedule_file", "reproduce", "reproduce_tuned", "tuned_run_folder"]
 
 
 @dataclass(frozen=True)
@@ -158,9 +158,12 @@ def reproduce_tuned(cfg: ReproduceConfig) -> dict:
        (``pretrained/``);
     4. for each K and each initialisation (CLS: the classifier's trunk; DAP: that pre-training) a
        k-shot schedule searched on training images each draw left out (``kshot_cls/kK/``,
-       ``kshot_dap/kK/``: :func:`kshot_schedule_file`);
+       ``kshot_dap/kK/``), and searched again over the ranges covering both where the two
+       searches ended over different ones (:func:`_kshot_schedules`; the choice:
+       :func:`kshot_schedule_file`);
     5. K fine-tuned from each initialisation with its own schedule, every seed, evaluated on the
-       test split once, at the end (``cls_K/``, ``dap_K/``).
+       test split once, at the end (:func:`tuned_run_folder`: ``cls_K/``, ``dap_K/``, or
+       ``dap_K_matched/`` when the schedule came from the second search).
 
     Stages 4 and 5 run K by K, and ``results.json`` and ``results.md`` (CLS, DAP and the
     seed-paired DAP-CLS per K, beside the preset's table when ``OUTPUT/results.json`` holds one)
@@ -219,17 +222,20 @@ def reproduce_tuned(cfg: ReproduceConfig) -> dict:
     table: dict = {"inits": inits, "shots": [], "seeds": list(seeds), "pretrain_iters": cfg.pretrain_iters,
                    "box_setting": best, "box_search": {k: boxes.get(k) for k in ("report", "report_gain_AP50", "edges")},
                    "mined_quality": mined.get("quality"),
-                   "schedules": {label: {"shots": {}, "rounds": {}} for label in inits}, "rows": {}}
+                   "schedules": {label: {"shots": {}, "rounds": {}, "choices": {}} for label in inits}, "rows": {}}
+
+    def search(init: str, where: Path, k: int, iterations_range, lr_range, extend_rounds: int) -> dict:
+        return tune_finetune(tune_finetune_defaults(TuneFinetuneConfig(
+            output=str(where), init=init, shots=(k,), samples=cfg.kshot_samples, iterations_range=iterations_range,
+            lr_range=lr_range, extend_rounds=extend_rounds, detector=meta["detector"], backbone=meta["backbone"])))
+
     for k in shots:
-        for label, init in inits.items():
-            schedule = kshot_schedule_file(folder, label, k)
-            print(f"== 4/5: searching the k-shot schedule from {label} for K = {k}", flush=True)
-            search = tune_finetune(tune_finetune_defaults(TuneFinetuneConfig(
-                output=str(schedule.parent), init=init, shots=(k,), samples=cfg.kshot_samples,
-                iterations_range=cfg.kshot_iterations_range, lr_range=cfg.kshot_lr_range,
-                detector=meta["detector"], backbone=meta["backbone"])))
+        choices = _kshot_schedules(cfg, folder, k, inits, search)
+        for label, choice in choices.items():
             found = table["schedules"][label]
-            found["shots"][str(k)], found["rounds"][str(k)] = search["shots"][k], search["rounds"][k]
+            found["shots"][str(k)] = {key: choice[key] for key in ("max_iters", "lr", "val_AP50")}
+            found["rounds"][str(k)] = choice["own"]["rounds"]
+            found["choices"][str(k)] = choice
         row: dict = {}
         for label, init in inits.items():
             chosen = table["schedules"][label]["shots"][str(k)]
@@ -239,7 +245,7 @@ def reproduce_tuned(cfg: ReproduceConfig) -> dict:
             run = dataclasses.replace(base, init=init, shots=k, max_iters=None,
                                       kshot_table=str(kshot_schedule_file(folder, label, k)),
                                       eval_every=10**9, checkpoint_every=10**9,
-                                      output=str(folder / f"{label.lower()}_{k}"))
+                                      output=str(tuned_run_folder(folder, label, k)))
             runs = _per_seed(finetune(run))
             row[label] = {metric: _stats([r["final"][metric] for r in runs]) for metric in ("AP", "AP50", "VOC_AP50")}
             row[label]["schedule"] = chosen
@@ -253,11 +259,113 @@ def reproduce_tuned(cfg: ReproduceConfig) -> dict:
     return table
 
 
+def _kshot_schedules(cfg: ReproduceConfig, folder: Path, k: int, inits: dict[str, str], search) -> dict[str, dict]:
+    """Stage 4 of the tuned loop at ``k`` images per class: a schedule for each initialisation in
+    ``inits`` (label: init) that neither is handicapped by.
+
+    Each initialisation's search starts from the loop's ranges and grows a range past an edge its
+    best sits on (``kshot_<label>/kK/``). Left there, two searches can end over different ranges:
+    one whose best sat on an edge searched schedules the other never tried, and their test
+    figures would compare the searches, not the initialisations. So each initialisation whose
+    final ranges fall short of those covering both (:func:`dap_ray.search.covering_ranges`,
+    within the loop's hard limits: 4x the starting upper end of iterations) is searched again
+    over them, one round, no growth (``kshot_<label>/kK_matched/``), and keeps whichever of its
+    two searches validated better (the same validation images: the draw's leftovers). A best on
+    the edge of the ranges it was searched over is noted, saying why it was not searched past.
+
+    ``search(init, output, k, iterations_range, lr_range, extend_rounds)`` runs one search and
+    returns :func:`dap_ray.steps.tune.tune_finetune`'s summary. Writes each choice to
+    ``kshot_<label>/kK_choice.json`` (:func:`kshot_schedule_file`, :func:`tuned_run_folder` read
+    it) and returns ``{label: choice}``: ``max_iters``, ``lr``, ``val_AP50``, ``search`` (the
+    folder the schedule came from), ``own`` and ``matched`` (each search's ranges, trials and
+    best; ``matched`` None when not needed), ``covering`` and ``edges`` (the chosen best's, each
+    with a ``note``)."""
+    from dap_ray.search import covering_ranges
+    from dap_ray.steps.tune import TuneFinetuneConfig
+
+    limits = TuneFinetuneConfig(iterations_range=cfg.kshot_iterations_range, lr_range=cfg.kshot_lr_range,
+                                extend_rounds=1).search_ranges()
+    searches: dict[str, dict] = {}
+    for label, init in inits.items():
+        print(f"== 4/5: searching the k-shot schedule from {label} for K = {k}", flush=True)
+        summary = search(init, folder / f"kshot_{label.lower()}" / f"k{k}", k, cfg.kshot_iterations_range,
+                         cfg.kshot_lr_range, 1)
+        searches[label] = {"own": _search_record(summary, k, f"k{k}")}
+    covering = covering_ranges([found["own"]["ranges"] for found in searches.values()], limits)
+    choices = {}
+    for label, init in inits.items():
+        own, matched = searches[label]["own"], None
+        if own["ranges"] != covering:
+            print(f"== 4/5: {label}'s search for K = {k} ended over {_ranges_text(own['ranges'])}, short of "
+                  f"{_ranges_text(covering)} (the ranges covering every initialisation's): searching {label} "
+                  "again over those", flush=True)
+            matched = _search_record(search(init, folder / f"kshot_{label.lower()}" / f"k{k}_matched", k,
+                                            tuple(covering["max_iters"]), tuple(covering["lr"]), 0), k, f"k{k}_matched")
+        chosen = own if matched is None or own["best"]["val_AP50"] >= matched["best"]["val_AP50"] else matched
+        edges = [{**hit, "note": _edge_note(hit, limits, chosen is matched)} for hit in chosen["edges"]]
+        choice = {**{key: chosen["best"][key] for key in ("max_iters", "lr", "val_AP50")}, "search": chosen["search"],
+                  "own": own, "matched": matched, "covering": covering, "edges": edges}
+        if matched is not None:
+            other = own if chosen is matched else matched
+            print(f"== 4/5: {label}, K = {k}: kept the {'second' if chosen is matched else 'first'} search's schedule "
+                  f"({chosen['best']['max_iters']} iterations at lr {chosen['best']['lr']:.3g}, validation AP50 "
+                  f"{chosen['best']['val_AP50']:.2f} against {other['best']['val_AP50']:.2f})", flush=True)
+        for edge in edges:
+            print(f"== 4/5: {label}, K = {k}: {edge['note']}", flush=True)
+        (folder / f"kshot_{label.lower()}" / f"k{k}_choice.json").write_text(json.dumps(choice, indent=2))
+        choices[label] = choice
+    return choices
+
+
+def _search_record(summary: dict, k: int, name: str) -> dict:
+    """What the loop keeps of one k-shot search (a :func:`dap_ray.steps.tune.tune_finetune` summary)
+    at ``k``: its folder's ``name``, final ranges, trials, rounds, best and the edges that best sits on."""
+    rounds = summary["rounds"][k]
+    return {"search": name, "ranges": rounds[-1]["ranges"], "trials": sum(r["trials"] for r in rounds),
+            "rounds": rounds, "best": dict(summary["shots"][k]), "edges": rounds[-1]["edges"]}
+
+
+def _edge_note(hit: dict, limits: list, matched: bool) -> str:
+    """Why a chosen schedule's best on an edge of its ranges was not searched past."""
+    from dap_ray.search import describe_edge
+
+    limit = next(r for r in limits if r.name == hit["name"])
+    end = hit["range"][0] if hit["side"] == "low" else hit["range"][1]
+    at_limit = end == (limit.limit_low if hit["side"] == "low" else limit.limit_high)
+    where = (f"the best {hit['name']} {hit['value']:g} sits on the {hit['side']} edge of "
+             f"[{hit['range'][0]:g}, {hit['range'][1]:g}]")
+    if at_limit:
+        return f"{where}, the loop's limit: not searched past it (a better schedule may lie beyond)"
+    if matched:
+        return f"{where}, the ranges covering both initialisations' searches: not grown, so both were searched alike"
+    return describe_edge(hit)
+
+
+def _ranges_text(ranges: dict) -> str:
+    return ", ".join(f"{name} [{low:g}, {high:g}]" for name, (low, high) in ranges.items())
+
+
+def _choice(tuned: Path, label: str, k: int) -> dict | None:
+    path = tuned / f"kshot_{label.lower()}" / f"k{k}_choice.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def kshot_schedule_file(tuned: Path, label: str, k: int) -> Path:
-    """The k-shot schedule (``jobs/finetune.py --kshot-table``) searched from initialisation ``label``
-    (CLS or DAP) at ``k`` images per class, in the tuned loop's folder ``tuned``: one search per
-    K and initialisation, each in its own folder."""
-    return tuned / f"kshot_{label.lower()}" / f"k{k}" / "kshot_preset.yaml"
+    """The k-shot schedule (``jobs/finetune.py --kshot-table``) the tuned loop in folder ``tuned``
+    chose for initialisation ``label`` (CLS or DAP) at ``k`` images per class: its own search's
+    (``kshot_<label>/kK/``) or, when it was searched again over the ranges covering both
+    initialisations' and validated better there, that one's (``kshot_<label>/kK_matched/``)."""
+    choice = _choice(tuned, label, k)
+    return tuned / f"kshot_{label.lower()}" / (choice["search"] if choice else f"k{k}") / "kshot_preset.yaml"
+
+
+def tuned_run_folder(tuned: Path, label: str, k: int) -> Path:
+    """Where the tuned loop fine-tunes ``label`` at ``k`` with the schedule :func:`kshot_schedule_file`
+    names: ``<label>_K``, or ``<label>_K_matched`` for the second search's (a run folder refuses
+    other settings, so each schedule gets its own)."""
+    choice = _choice(tuned, label, k)
+    matched = choice is not None and choice["search"].endswith("_matched")
+    return tuned / f"{label.lower()}_{k}{'_matched' if matched else ''}"
 
 
 def _write_tuned(folder: Path, table: dict, preset: Path) -> str:
@@ -283,9 +391,6 @@ def _settings_match(config_file: Path, settings: dict) -> bool:
 
 
 def _markdown_tuned(table: dict, preset: dict | None) -> str:
-    def cell(stats: dict) -> str:
-        return "n/a" if stats["mean"] is None else f"{stats['mean']:.1f} ± {stats['std']:.1f}"
-
     search = table["box_search"]
     lines = [f"Seeds {table['seeds']}; DAP pre-trained {table['pretrain_iters']} iterations on boxes mined with the "
              f"searched setting {table['box_setting']}; mean ± sample std over seeds (DAP−CLS: over the seed-paired "
@@ -301,18 +406,54 @@ def _markdown_tuned(table: dict, preset: dict | None) -> str:
         row = table["rows"][shot]
         cls_s, dap_s = row["CLS"]["schedule"], row["DAP"]["schedule"]
         lines.append(f"| tuned | {shot} | {cls_s['max_iters']} it, lr {cls_s['lr']:.3g} | {dap_s['max_iters']} it, "
-                     f"lr {dap_s['lr']:.3g} | {cell(row['CLS']['AP'])} | {cell(row['DAP']['AP'])} | "
-                     f"{cell(row['DAP-CLS']['AP'])} | {cell(row['CLS']['AP50'])} | {cell(row['DAP']['AP50'])} | "
-                     f"{cell(row['DAP-CLS']['AP50'])} |")
+                     f"lr {dap_s['lr']:.3g} | {_cell(row['CLS']['AP'])} | {_cell(row['DAP']['AP'])} | "
+                     f"{_cell(row['DAP-CLS']['AP'], signed=True)} | {_cell(row['CLS']['AP50'])} | "
+                     f"{_cell(row['DAP']['AP50'])} | {_cell(row['DAP-CLS']['AP50'], signed=True)} |")
     if preset:
         for shot, iters in zip(preset["shots"], preset["iterations"]):
             row = preset["rows"][shot]
             schedule = f"{iters} it, the preset's lr"
             lines.append(f"| preset (seeds {preset['seeds']}, DAP on the paper's boxes) | {shot} | {schedule} | "
-                         f"{schedule} | {cell(row['CLS']['AP'])} | {cell(row['DAP']['AP'])} | "
-                         f"{cell(row['DAP-CLS']['AP'])} | {cell(row['CLS']['AP50'])} | {cell(row['DAP']['AP50'])} | "
-                         f"{cell(row['DAP-CLS']['AP50'])} |")
-    return "\n".join(lines) + "\n"
+                         f"{schedule} | {_cell(row['CLS']['AP'])} | {_cell(row['DAP']['AP'])} | "
+                         f"{_cell(row['DAP-CLS']['AP'], signed=True)} | {_cell(row['CLS']['AP50'])} | "
+                         f"{_cell(row['DAP']['AP50'])} | {_cell(row['DAP-CLS']['AP50'], signed=True)} |")
+    return "\n".join(lines + _schedule_lines(table)) + "\n"
+
+
+def _cell(stats: dict, signed: bool = False) -> str:
+    """A table cell for :func:`_stats`: mean ± sample std, one decimal; ``signed`` for differences."""
+    if stats["mean"] is None:
+        return "n/a"
+    return f"{stats['mean']:{'+' if signed else ''}.1f} ± {stats['std']:.1f}"
+
+
+def _schedule_lines(table: dict) -> list[str]:
+    """How each tuned schedule was searched: which search it came from, over which ranges and how
+    many trials, and any edge its best sits on (tables written before the second search: none)."""
+    lines = []
+    for shot in table["shots"]:
+        for label in table["inits"]:
+            choice = table["schedules"][label].get("choices", {}).get(shot)
+            if choice is None:
+                continue
+            own, matched = choice["own"], choice["matched"]
+            text = f"- K = {shot}, {label}: searched over {_search_text(own)}"
+            if matched is not None:
+                kept = "the second" if choice["search"] == matched["search"] else "the first"
+                text += (f", then again over the ranges covering both initialisations', {_search_text(matched)}; "
+                         f"{kept} kept")
+            lines.append(text + ".")
+            lines += [f"  - {edge['note']}." for edge in choice["edges"]]
+    return ["", "How each schedule was searched (validation: training images the k-shot draw left out):", "",
+            *lines] if lines else []
+
+
+def _search_text(search: dict) -> str:
+    """A :func:`_search_record` in words: its ranges, trials and best."""
+    best = search["best"]
+    trials = f"{search['trials']} trial{'' if search['trials'] == 1 else 's'}"
+    return (f"{_ranges_text(search['ranges'])} ({trials}; best {best['max_iters']} it at "
+            f"lr {best['lr']:.3g}, validation AP50 {best['val_AP50']:.1f})")
 
 
 def _per_seed(summary: dict) -> list[dict]:
@@ -345,16 +486,13 @@ def _difference(dap: dict, cls: dict) -> dict:
 
 
 def _markdown(table: dict) -> str:
-    def cell(stats: dict) -> str:
-        return "n/a" if stats["mean"] is None else f"{stats['mean']:.1f} ± {stats['std']:.1f}"
-
     lines = [f"Seeds {table['seeds']}; DAP pre-trained {table['pretrain_iters']} iterations; "
              "mean ± sample std over seeds (DAP−CLS: over the seed-paired differences).", "",
              "| images per class | iterations | CLS AP | DAP AP | DAP−CLS AP | CLS AP50 | DAP AP50 | DAP−CLS AP50 |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for shot, iters in zip(table["shots"], table["iterations"]):
         row = table["rows"][shot]
-        lines.append(f"| {shot} | {iters} | {cell(row['CLS']['AP'])} | {cell(row['DAP']['AP'])} | "
-                     f"{cell(row['DAP-CLS']['AP'])} | {cell(row['CLS']['AP50'])} | {cell(row['DAP']['AP50'])} | "
-                     f"{cell(row['DAP-CLS']['AP50'])} |")
+        lines.append(f"| {shot} | {iters} | {_cell(row['CLS']['AP'])} | {_cell(row['DAP']['AP'])} | "
+                     f"{_cell(row['DAP-CLS']['AP'], signed=True)} | {_cell(row['CLS']['AP50'])} | "
+                     f"{_cell(row['DAP']['AP50'])} | {_cell(row['DAP-CLS']['AP50'], signed=True)} |")
     return "\n".join(lines) + "\n"

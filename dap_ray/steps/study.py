@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dap_ray.steps.reproduce import _cell
+
 __all__ = ["GainStudyConfig", "gain_study"]
 
 BOX_SOURCES = ("paper", "searched", "true")
@@ -69,7 +71,14 @@ def gain_study(cfg: GainStudyConfig) -> dict:
     )
     from dap_ray.steps.finetune import finetune
     from dap_ray.steps.pretrain import PretrainConfig, pretrain
-    from dap_ray.steps.reproduce import _difference, _per_seed, _sample_finetune_base, _stats, kshot_schedule_file
+    from dap_ray.steps.reproduce import (
+        _difference,
+        _per_seed,
+        _sample_finetune_base,
+        _stats,
+        kshot_schedule_file,
+        tuned_run_folder,
+    )
 
     started = time.perf_counter()
     output = Path(cfg.output).resolve()
@@ -112,10 +121,10 @@ def gain_study(cfg: GainStudyConfig) -> dict:
     rows: dict = {}
     for k in cfg.shots:
         print(f"== CLS, K = {k} (the tuned loop's runs, more seeds where asked)", flush=True)
-        cls = fine_tune(cls_init, str(kshot_schedule_file(tuned, "CLS", k)), k, tuned / f"cls_{k}")
+        cls = fine_tune(cls_init, str(kshot_schedule_file(tuned, "CLS", k)), k, tuned_run_folder(tuned, "CLS", k))
         rows[str(k)] = {"CLS": cls}
         for name, run in runs.items():
-            where = tuned / f"dap_{k}" if run == tuned / "pretrained" else folder / f"{name}_{k}"
+            where = tuned_run_folder(tuned, "DAP", k) if run == tuned / "pretrained" else folder / f"{name}_{k}"
             print(f"== DAP {name}, K = {k}", flush=True)
             dap = fine_tune(f"dap:{run}", str(kshot_schedule_file(tuned, "DAP", k)), k, where)
             rows[str(k)][name] = {**dap, "DAP-CLS": {m: _difference(dap[m], cls[m]) for m in ("AP", "AP50")}}
@@ -139,9 +148,6 @@ def _mined_quality(run: Path) -> dict:
 
 
 def _markdown(table: dict) -> str:
-    def cell(stats: dict) -> str:
-        return "n/a" if stats["mean"] is None else f"{stats['mean']:+.1f} ± {stats['std']:.1f}"
-
     lines = [f"Seeds {table['seeds']}; DAP−CLS: mean ± sample std of the seed-paired differences (the same k-shot "
              "draw and order); every DAP variant fine-tuned with the schedule searched for DAP, CLS with its own.", "",
              "| pre-training | boxes' CorLoc | " + " | ".join(f"{k}-shot DAP AP | {k}-shot DAP−CLS AP | "
@@ -152,11 +158,11 @@ def _markdown(table: dict) -> str:
         cells = [f"{length} iterations on {source} boxes", "n/a" if corloc is None else f"{corloc:.3f}"]
         for k in table["shots"]:
             row = table["rows"][str(k)][name]
-            cells += [f"{row['AP']['mean']:.1f} ± {row['AP']['std']:.1f}", cell(row["DAP-CLS"]["AP"]),
-                      cell(row["DAP-CLS"]["AP50"])]
+            cells += [_cell(row["AP"]), _cell(row["DAP-CLS"]["AP"], signed=True),
+                      _cell(row["DAP-CLS"]["AP50"], signed=True)]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("| CLS (the classifier's trunk) | | " + " | ".join(
-        f"{table['rows'][str(k)]['CLS']['AP']['mean']:.1f} ± {table['rows'][str(k)]['CLS']['AP']['std']:.1f} | | "
+        f"{_cell(table['rows'][str(k)]['CLS']['AP'])} | | "
         for k in table["shots"]) + " |")
     return "\n".join(lines) + "\n"
 
