@@ -50,7 +50,6 @@ def test_torchvision_resnet_keys_become_detectron2_names(arch):
 def test_detectron2_backend_trains_writes_a_checkpoint_and_a_killed_run_resumes(pseudo_run, ray_session, tmp_path,
                                                                                  capfd):
     from dap_ray.steps.pretrain import PretrainConfig, pretrain
-
     from tests.helpers import pseudo_run_as
 
     boxes_dir, sample, _ = pseudo_run

@@ -98,16 +98,16 @@ def test_the_tuned_loop_runs_every_stage_once_and_a_rerun_finds_them_done(ray_se
 
 def _fake_search(outcomes: dict, calls: list):
     """A stand-in for the loop's k-shot search: ``outcomes[(init, folder name)]`` is the search's
-    final iterations range (the lr range stays the loop's), its best iterations and lr and its
-    validation AP50. Writes the schedule file a search writes; records each call."""
+    final iterations range (None: the one it was given), its best iterations and lr, its
+    validation AP50 and, optionally, its final lr range. Writes the schedule file a search writes; records each call."""
     from dap_ray.search import SearchRange, edges_hit
 
     def search(init, where, k, iterations_range, lr_range, extend_rounds):
         calls.append((init, where.name, tuple(iterations_range), tuple(lr_range), extend_rounds))
-        final, iters, lr, val = outcomes[(init, where.name)]
-        final = final or list(iterations_range)
+        final, iters, lr, val, *final_lr = outcomes[(init, where.name)]
+        final, final_lr = final or list(iterations_range), final_lr[0] if final_lr else list(lr_range)
         ranges = [SearchRange("max_iters", *final, limit_low=1, limit_high=4 * iterations_range[1], log=True,
-                              integer=True), SearchRange("lr", *lr_range, limit_low=1e-5, limit_high=0.2, log=True)]
+                              integer=True), SearchRange("lr", *final_lr, limit_low=1e-5, limit_high=0.2, log=True)]
         best = {"max_iters": iters, "lr": lr, "val_AP50": val}
         where.mkdir(parents=True, exist_ok=True)
         (where / "kshot_preset.yaml").write_text(yaml.safe_dump({"shots": {k: {"max_iters": iters, "lr": lr}}}))
@@ -132,6 +132,16 @@ LOOP_RANGE = [20, 160]
     ({("cls", "k10"): ([20, 640], 359, 0.0038, 64.3), ("dap", "k10"): (None, 125, 0.027, 58.2),
       ("dap", "k10_matched"): ([20, 640], 300, 0.001, 50.0)},
      [("dap", "k10_matched", (20, 640), (0.001, 0.04), 0)], {}),
+    # The other way round: CLS fell short, and is searched again.
+    ({("cls", "k10"): (None, 62, 0.014, 40.2), ("dap", "k10"): ([20, 640], 543, 0.0207, 66.0),
+      ("cls", "k10_matched"): ([20, 640], 359, 0.0038, 64.3)},
+     [("cls", "k10_matched", (20, 640), (0.001, 0.04), 0)], {"CLS": "k10_matched"}),
+    # Each grew a range the other did not: both are searched again, over both grown ranges.
+    ({("cls", "k10"): ([20, 640], 359, 0.0038, 64.3), ("dap", "k10"): (None, 125, 0.0011, 58.2, [2.5e-5, 0.04]),
+      ("cls", "k10_matched"): ([20, 640], 300, 0.002, 60.0, [2.5e-5, 0.04]),
+      ("dap", "k10_matched"): ([20, 640], 500, 0.001, 61.0, [2.5e-5, 0.04])},
+     [("cls", "k10_matched", (20, 640), (2.5e-5, 0.04), 0), ("dap", "k10_matched", (20, 640), (2.5e-5, 0.04), 0)],
+     {"DAP": "k10_matched"}),
 ])
 def test_the_tuned_loop_searches_the_initialisation_whose_ranges_fell_short_again(outcomes, searched_again, chosen,
                                                                                 tmp_path):
@@ -150,7 +160,7 @@ def test_the_tuned_loop_searches_the_initialisation_whose_ranges_fell_short_agai
     assert calls[2:] == searched_again
     for label in ("CLS", "DAP"):
         search = chosen.get(label, "k10")
-        _, iters, lr, val = outcomes[(label.lower(), search)]
+        _, iters, lr, val, *_ = outcomes[(label.lower(), search)]
         assert {k: choices[label][k] for k in ("max_iters", "lr", "val_AP50", "search")} == {
             "max_iters": iters, "lr": lr, "val_AP50": val, "search": search}
         assert (choices[label]["matched"] is None) == ((label.lower(), "k10_matched") not in outcomes)
@@ -165,6 +175,8 @@ def test_the_tuned_loop_searches_the_initialisation_whose_ranges_fell_short_agai
                                                                         ("AP", "AP50")}} for label in choices},
                              "DAP-CLS": {m: {"mean": 0.0, "std": 0.0} for m in ("AP", "AP50")}}}}
     text = _markdown_tuned(table, None)
+    # A rerun finds the same choices (the searches are cached; here the stand-in answers the same).
+    assert _kshot_schedules(cfg, tmp_path, 10, {"CLS": "cls", "DAP": "dap"}, _fake_search(outcomes, [])) == choices
     assert "| +0.0 ± 0.0 |" in text  # differences carry their sign
     assert ("then again over the ranges covering both" in text) == bool(searched_again)
 
@@ -181,6 +193,17 @@ def test_a_schedule_on_the_loops_limit_says_so(tmp_path):
         "the best max_iters 635 sits on the high edge of [20, 640], the loop's limit: not searched past it (a better "
         "schedule may lie beyond)")
     assert json.loads((tmp_path / "kshot_dap" / "k10_choice.json").read_text())["edges"] == [edge]
+
+
+def test_the_gain_study_refuses_a_loop_that_chose_its_schedules_before_matching_them(tmp_path):
+    from dap_ray.steps.study import GainStudyConfig, gain_study
+
+    (tmp_path / "tuned").mkdir()
+    old = {"inits": {"CLS": "cls:x", "DAP": "dap:y"}, "shots": ["5"], "rows": {"5": {}},
+           "schedules": {"CLS": {"shots": {"5": {}}, "rounds": {}}, "DAP": {"shots": {"5": {}}, "rounds": {}}}}
+    (tmp_path / "tuned" / "results.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"for K = \[5\] before it searched both initialisations over the same"):
+        gain_study(GainStudyConfig(output=str(tmp_path), shots=(5,), seeds=(0,)))
 
 
 @pytest.mark.parametrize("job, arguments, message", [

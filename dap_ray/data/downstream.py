@@ -511,7 +511,7 @@ def load_voc(root: str | Path, splits: Sequence[tuple[str, str]] = (("2007", "tr
     classes = [str(c) for c in classes]
     label_of = {c: k for k, c in enumerate(classes)}
     images = []
-    for position, year, voc_id, xml_name, file_name, path, (width, height), objects in parsed:
+    for position, _year, voc_id, xml_name, file_name, path, (width, height), objects in parsed:
         anns = []
         for n, name, (xmin, ymin, xmax, ymax), difficult in objects:
             if name not in label_of:

@@ -163,7 +163,7 @@ def reproduce_tuned(cfg: ReproduceConfig) -> dict:
        :func:`kshot_schedule_file`);
     5. K fine-tuned from each initialisation with its own schedule, every seed, evaluated on the
        test split once, at the end (:func:`tuned_run_folder`: ``cls_K/``, ``dap_K/``, or
-       ``dap_K_matched/`` when the schedule came from the second search).
+       ``<init>_K_matched/`` when the schedule came from the second search).
 
     Stages 4 and 5 run K by K, and ``results.json`` and ``results.md`` (CLS, DAP and the
     seed-paired DAP-CLS per K, beside the preset's table when ``OUTPUT/results.json`` holds one)
@@ -312,8 +312,13 @@ def _kshot_schedules(cfg: ReproduceConfig, folder: Path, k: int, inits: dict[str
                   f"{chosen['best']['val_AP50']:.2f} against {other['best']['val_AP50']:.2f})", flush=True)
         for edge in edges:
             print(f"== 4/5: {label}, K = {k}: {edge['note']}", flush=True)
-        (folder / f"kshot_{label.lower()}" / f"k{k}_choice.json").write_text(json.dumps(choice, indent=2))
         choices[label] = choice
+    # Written together once every search at K is done: a failed second search leaves no choice
+    # of one initialisation beside a stale one of the other.
+    for label, choice in choices.items():
+        path = folder / f"kshot_{label.lower()}" / f"k{k}_choice.json"
+        path.with_suffix(".tmp").write_text(json.dumps(choice, indent=2))
+        path.with_suffix(".tmp").replace(path)
     return choices
 
 
@@ -327,8 +332,6 @@ def _search_record(summary: dict, k: int, name: str) -> dict:
 
 def _edge_note(hit: dict, limits: list, matched: bool) -> str:
     """Why a chosen schedule's best on an edge of its ranges was not searched past."""
-    from dap_ray.search import describe_edge
-
     limit = next(r for r in limits if r.name == hit["name"])
     end = hit["range"][0] if hit["side"] == "low" else hit["range"][1]
     at_limit = end == (limit.limit_low if hit["side"] == "low" else limit.limit_high)
@@ -338,7 +341,7 @@ def _edge_note(hit: dict, limits: list, matched: bool) -> str:
         return f"{where}, the loop's limit: not searched past it (a better schedule may lie beyond)"
     if matched:
         return f"{where}, the ranges covering both initialisations' searches: not grown, so both were searched alike"
-    return describe_edge(hit)
+    return f"{where}, the second round's range: the loop's searches grow a range once, so not searched past it"
 
 
 def _ranges_text(ranges: dict) -> str:

@@ -91,6 +91,12 @@ def gain_study(cfg: GainStudyConfig) -> dict:
     missing = [k for k in cfg.shots if str(k) not in loop_table["rows"]]
     if missing:
         raise ValueError(f"the tuned loop in {output} has no schedule for K = {missing}; it has {loop_table['shots']}")
+    unmatched = [k for k in cfg.shots if any(str(k) not in loop_table["schedules"][label].get("choices", {})
+                                             for label in loop_table["inits"])]
+    if unmatched:
+        raise ValueError(f"the tuned loop in {output} chose its schedules for K = {unmatched} before it searched both "
+                         "initialisations over the same ranges: run the same jobs/reproduce.py --tuned command again "
+                         "(its searches are reused) first")
     folder = output / "study"
     folder.mkdir(parents=True, exist_ok=True)
     sources = {"paper": lambda: sample_pseudo_boxes() / "boxes", "searched": lambda: tuned / "mined" / "boxes",
@@ -124,7 +130,10 @@ def gain_study(cfg: GainStudyConfig) -> dict:
         cls = fine_tune(cls_init, str(kshot_schedule_file(tuned, "CLS", k)), k, tuned_run_folder(tuned, "CLS", k))
         rows[str(k)] = {"CLS": cls}
         for name, run in runs.items():
-            where = tuned_run_folder(tuned, "DAP", k) if run == tuned / "pretrained" else folder / f"{name}_{k}"
+            # A variant's runs follow the DAP schedule the loop chose; each schedule gets its own folder.
+            loop_run = tuned_run_folder(tuned, "DAP", k)
+            where = loop_run if run == tuned / "pretrained" else (
+                folder / f"{name}_{k}{loop_run.name.removeprefix(f'dap_{k}')}")
             print(f"== DAP {name}, K = {k}", flush=True)
             dap = fine_tune(f"dap:{run}", str(kshot_schedule_file(tuned, "DAP", k)), k, where)
             rows[str(k)][name] = {**dap, "DAP-CLS": {m: _difference(dap[m], cls[m]) for m in ("AP", "AP50")}}
