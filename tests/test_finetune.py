@@ -263,4 +263,4 @@ def test_the_reproductions_table_pairs_seeds_and_its_quick_grid():
     table = {"seeds": [0, 1, 2], "pretrain_iters": 400, "shots": ["5"], "iterations": [40],
              "rows": {"5": {"CLS": {"AP": cls, "AP50": cls}, "DAP": {"AP": dap, "AP50": dap},
                             "DAP-CLS": {"AP": diff, "AP50": diff}}}}
-    assert "| 5 | 40 | 10.8 ± 1.8 | 12.0 ± 2.0 | 1.2 ± 1.8 |" in _markdown(table)
+    assert "| 5 | 40 | 10.8 ± 1.8 | 12.0 ± 2.0 | +1.2 ± 1.8 |" in _markdown(table)  # differences signed
