@@ -132,8 +132,8 @@ def gain_study(cfg: GainStudyConfig) -> dict:
         for name, run in runs.items():
             # A variant's runs follow the DAP schedule the loop chose; each schedule gets its own folder.
             loop_run = tuned_run_folder(tuned, "DAP", k)
-            where = loop_run if run == tuned / "pretrained" else (
-                folder / f"{name}_{k}{loop_run.name.removeprefix(f'dap_{k}')}")
+            suffix = "_matched" if loop_run.name.endswith("_matched") else ""
+            where = loop_run if run == tuned / "pretrained" else folder / f"{name}_{k}{suffix}"
             print(f"== DAP {name}, K = {k}", flush=True)
             dap = fine_tune(f"dap:{run}", str(kshot_schedule_file(tuned, "DAP", k)), k, where)
             rows[str(k)][name] = {**dap, "DAP-CLS": {m: _difference(dap[m], cls[m]) for m in ("AP", "AP50")}}
