@@ -56,11 +56,26 @@ def _pause(module, inputs) -> None:
     time.sleep(0.1)
 
 
+def _long_pause(module, inputs) -> None:
+    import time
+
+    time.sleep(0.4)
+
+
 def slow_tiny_resnet(num_classes: int = 7) -> ResNet:
     """tiny_resnet that pauses 0.1 s per forward pass: long enough runs to kill things in. A hook
     pauses, so its state dict is tiny_resnet's (the same weights files load)."""
     model = tiny_resnet(num_classes)
     model.layer1.register_forward_pre_hook(_pause)
+    return model
+
+
+def slower_tiny_resnet(num_classes: int = 7) -> ResNet:
+    """tiny_resnet that pauses 0.4 s per forward pass: a floor under a training iteration's time
+    however fast the machine, so a run cannot finish inside a preemption notice of known length
+    (an 8 s notice covers at most 20 iterations)."""
+    model = tiny_resnet(num_classes)
+    model.layer1.register_forward_pre_hook(_long_pause)
     return model
 
 

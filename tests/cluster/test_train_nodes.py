@@ -14,6 +14,14 @@ from tests.cluster.conftest import LossSequence, record_figure, top_up
 
 pytestmark = pytest.mark.cluster
 SLOW = "tests.factories:slow_tiny_resnet"  # tiny_resnet's weights, 0.1 s per forward pass
+# Runs given an 8 s preemption notice train through it (the worker checkpoints and goes on until the kill):
+# at 0.4 s or more per iteration the notice covers at most 20, so the first loss (at the first checkpoint,
+# iteration 4) is over by iteration 25 and the second (at the next checkpoint after the resume) by about 29,
+# before 36 iterations however fast the machine. With SLOW a fast machine finished a 16-iteration run inside
+# the notice, and the second loss never came. The runs' lengths differ so that :func:`redone` can tell their
+# progress lines apart in the session's logs.
+SLOWER = "tests.factories:slower_tiny_resnet"
+PRETRAIN_ITERS, FINETUNE_ITERS = 40, 44
 
 
 def checkpointed(storage: Path):
@@ -70,6 +78,17 @@ def resumed_at_the_notice(nodes, total: int) -> tuple[int, int]:
     return noticed[0], resumed[0]
 
 
+def assert_redone(counts: list[int], every: int) -> None:
+    """``counts`` (from :func:`redone`: the preemption's, then the kill's) within what each loss allows.
+    A preempted worker trains on through its notice, and Ray Train may stop taking its checkpoints once
+    it has the one written on the notice, so the preemption's redone work is what the notice covered
+    (:func:`resumed_at_the_notice` checks that nothing before the notice is redone). A kill comes
+    without notice: less than two checkpoint intervals (the one in progress, and a checkpoint written
+    as the node died but never taken)."""
+    assert counts and all(c >= 0 for c in counts), counts
+    assert all(c <= 2 * every for c in counts[1:]), f"redone per loss (preempted, killed): {counts}"
+
+
 def report(step: str, back_after: list[float], counts: list[int], unit: str,
            notice: tuple[int, int] | None = None) -> None:
     """One line per loss. A resume line can go missing (a line printed as a node dies may never reach
@@ -113,15 +132,16 @@ def test_pretraining_survives_a_preemption_and_a_node_loss(node_cluster, pseudo_
     # worker checkpoints at its next iteration, and the controller takes the checkpoint at its next poll (every 2 s).
     losses = LossSequence(node_cluster, "RayTrainWorker", checkpointed(run / "ray"), notice_s=8.0)
     losses.start()
+    total = PRETRAIN_ITERS
     meta = pretrain(PretrainConfig(
-        boxes=str(boxes_dir), output=str(run), backbone=SLOW, backbone_weights=str(weights), num_workers=1,
-        cpus_per_worker=2, loader_workers=0, batch_size=2, max_iters=16, checkpoint_every=4, warmup_iters=2, lr=0.01,
-        min_sizes=(32,), max_size=64, roi_batch_size_per_image=16, log_every_s=0.0, max_failures=1))
+        boxes=str(boxes_dir), output=str(run), backbone=SLOWER, backbone_weights=str(weights), num_workers=1,
+        cpus_per_worker=2, loader_workers=0, batch_size=2, max_iters=total, checkpoint_every=4, warmup_iters=2,
+        lr=0.01, min_sizes=(32,), max_size=64, roi_batch_size_per_image=16, log_every_s=0.0, max_failures=1))
     back_after = losses.check()
-    counts = redone(node_cluster, r"iter (\d+)/16 loss", r"resuming at iteration (\d+)/16")
-    assert meta["iterations"] == 16 and [h["iteration"] for h in meta["history"]][-1] == 16
-    assert counts and all(0 <= c <= 2 * 4 for c in counts)
-    notice = resumed_at_the_notice(node_cluster, 16)
+    counts = redone(node_cluster, rf"iter (\d+)/{total} loss", rf"resuming at iteration (\d+)/{total}")
+    assert meta["iterations"] == total and [h["iteration"] for h in meta["history"]][-1] == total
+    assert_redone(counts, every=4)
+    notice = resumed_at_the_notice(node_cluster, total)
     report("Step 3 (pre-training)", back_after, counts, "iterations (checkpoints every 4)", notice)
 
 
@@ -136,15 +156,18 @@ def test_finetuning_survives_a_preemption_and_a_node_loss(node_cluster, tmp_path
     run = tmp_path / "run"
     losses = LossSequence(node_cluster, "RayTrainWorker", checkpointed(run / "ray"), notice_s=8.0)
     losses.start()
+    total = FINETUNE_ITERS
     meta = finetune(FinetuneConfig(
         train=str(data / "coco" / "train.json"), test=str(data / "coco" / "test.json"), train_images=str(data / "images"),
-        test_images=str(data / "images"), format="coco", output=str(run), init="scratch", backbone=SLOW, batch_size=2,
-        num_workers=1, cpus_per_worker=2, loader_workers=0, max_iters=20, checkpoint_every=4, eval_every=10,
-        min_sizes=(48,), max_size=96, roi_batch_size_per_image=16, lr=0.01, log_every_s=0.0, max_failures=1))
+        test_images=str(data / "images"), format="coco", output=str(run), init="scratch", backbone=SLOWER,
+        batch_size=2, num_workers=1, cpus_per_worker=2, loader_workers=0, max_iters=total, checkpoint_every=4,
+        eval_every=total // 2, min_sizes=(48,), max_size=96, roi_batch_size_per_image=16, lr=0.01, log_every_s=0.0,
+        max_failures=1))
     back_after = losses.check()
-    counts = redone(node_cluster, r"iter (\d+)/20 loss", r"resuming at iteration (\d+)/20")
-    assert meta["iterations"] == 20 and counts and all(0 <= c <= 2 * 4 for c in counts)
+    counts = redone(node_cluster, rf"iter (\d+)/{total} loss", rf"resuming at iteration (\d+)/{total}")
+    assert meta["iterations"] == total
+    assert_redone(counts, every=4)
     evaluations = [json.loads(line)["iteration"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert evaluations == [10, 20]  # each evaluation once, whatever was redone
-    notice = resumed_at_the_notice(node_cluster, 20)
+    assert evaluations == [total // 2, total]  # each evaluation once, whatever was redone
+    notice = resumed_at_the_notice(node_cluster, total)
     report("Step 4 (fine-tuning)", back_after, counts, "iterations (checkpoints every 4)", notice)
