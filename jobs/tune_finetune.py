@@ -1,8 +1,9 @@
 """Ray Tune around Step 4: for each K, search the fine-tuning iterations and learning rate on a
 validation split carved from the training images the k-shot draw left out (never the test
-split), ASHA stopping weak trials early. By default Optuna's TPE searches both on log scales
-(--iterations-range, --lr-range), with another round over a range grown past an edge the best
-sits on; --search grid tries every pair of --iterations and --lrs.
+split), successive halving stopping weak trials early. By default Optuna's TPE searches both
+on log scales (--iterations-range, --lr-range), a batch of trials at a time so that a rerun
+searches the same, with another round over a range grown past an edge the best sits on;
+--search grid tries every pair of --iterations and --lrs.
 
     python jobs/tune_finetune.py                 # the built-in downstream sample, from the sample's DAP run
     python jobs/tune_finetune.py --format voc --train VOCdevkit --train-splits 2007:trainval 2012:trainval \\

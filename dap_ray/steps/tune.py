@@ -22,7 +22,8 @@ takes as it is), ``sweep.png`` (AP50 against NMS IoU, one line per threshold set
 TPE on log scales in rounds, or a grid):
 each trial is a Step 4 fine-tune (in the trial's process, or on Ray Train inside the trial)
 of the K-shot draw, validated every few iterations on training images the draw left out
-(never the test split), with ASHA stopping the weak trials early. It writes the chosen
+(never the test split), with successive halving stopping the weak trials early (proposals in
+batches and :class:`~dap_ray.steps.tune_callbacks.BatchHalving`, so a rerun searches the same). It writes the chosen
 iterations and lr per K as ``kshot_preset.yaml``, which ``jobs/finetune.py --kshot-table``
 reads, with ``results.csv``, ``results.md`` and ``sweep.png``.
 """
@@ -565,7 +566,7 @@ def _plot(rows: list[dict], best: dict, path: Path) -> None:
 @dataclass(frozen=True)
 class TuneFinetuneConfig:
     """The k-shot sweep: iterations and learning rate per K, scored on a validation split carved from
-    the training data (never the test split), weak trials stopped early by ASHA."""
+    the training data (never the test split), weak trials stopped early by successive halving."""
 
     train: str | None = field(default=None, metadata={
         "help": "training set, as jobs/finetune.py takes it (default: the built-in downstream sample)"})
@@ -593,7 +594,7 @@ class TuneFinetuneConfig:
     val_images: int = field(default=60, metadata={
         "help": "validation images drawn from the training images the k-shot draw left out"})
     evals_per_trial: int = field(default=4, metadata={
-        "help": "validations along each trial's schedule, evenly spaced (ASHA compares trials at the same share "
+        "help": "validations along each trial's schedule, evenly spaced (successive halving compares trials at the same share "
                 "of their own schedules)"})
     seed: int = field(default=0, metadata={"help": "k-shot draw, validation draw and training seed"})
     workers_per_trial: int = field(default=0, metadata={
@@ -654,7 +655,7 @@ class TuneFinetuneConfig:
 def _finetune_trial(config: dict, base: dict, train, val, seed: int, workers: int, evals: int) -> None:
     """One Tune trial: a Step 4 fine-tune of ``config['max_iters']`` iterations at ``config['lr']``,
     validated ``evals`` times along its schedule (``AP50`` etc. on ``val``, and ``progress``: the
-    share of its own schedule done, in percent, which ASHA compares trials at)."""
+    share of its own schedule done, in percent, which successive halving compares trials at)."""
     import ray.tune
     import torch
 
@@ -671,7 +672,7 @@ def _finetune_trial(config: dict, base: dict, train, val, seed: int, workers: in
         from dap_ray.steps.finetune import _train_loop
         from dap_ray.steps.ray_setup import fit_torch_trainer
 
-        # Ray Train reports the metrics of the loop; ASHA then compares trials by iteration.
+        # Ray Train reports the metrics of the loop; the scheduler then compares trials by iteration.
         trial = Path(ray.tune.get_context().get_trial_dir())
         # Every report must carry AP50 for Tune, so no extra checkpoint on a preemption notice.
         fit_torch_trainer(_train_loop, {"config": config_to_dict(cfg), "train": train, "test": val, "seed": seed,
@@ -709,12 +710,12 @@ def _finetune_trial(config: dict, base: dict, train, val, seed: int, workers: in
 
 def _kshot_sweep(cfg: TuneFinetuneConfig, k: int, trainable, storage: Path, concurrent: int, curves: dict):
     """The sweeps of one K: a grid, or Optuna's rounds (a round over ranges grown past the edges
-    the best sits on, told every earlier trial's result). ASHA stops weak trials at shares of
-    their own schedules. Returns its rows, the best trial that ran to the end, and one record per
-    round; adds each trial's validation curve to ``curves``."""
+    the best sits on, told every earlier trial's result), proposed a batch at a time. BatchHalving
+    stops weak trials at shares of their own schedules. Returns its rows, the best trial that ran
+    to the end, and one record per round; adds each trial's validation curve to ``curves``."""
     import ray.tune
-    from ray.tune.schedulers import ASHAScheduler
 
+    from dap_ray.steps.tune_callbacks import BatchHalving
 
     ranges = cfg.search_ranges()
     rows: list[dict] = []
@@ -722,8 +723,8 @@ def _kshot_sweep(cfg: TuneFinetuneConfig, k: int, trainable, storage: Path, conc
     for number in range(1 if cfg.search == "grid" else cfg.extend_rounds + 1):
         # Rungs at shares of each trial's own schedule: a short schedule has decayed its rate by
         # its end, a long one has barely warmed up at the same iteration.
-        scheduler = ASHAScheduler(time_attr="progress", max_t=100, grace_period=max(1, 100 // cfg.evals_per_trial),
-                                  reduction_factor=2)
+        scheduler = BatchHalving(time_attr="progress", max_t=100, grace_period=max(1, 100 // cfg.evals_per_trial),
+                                 reduction_factor=2)
         experiment = storage / (f"finetune_k{k}" if number == 0 else f"finetune_k{k}_round{number}")
         if cfg.search == "grid":
             samples = len(cfg.iterations) * len(cfg.lrs)
@@ -736,7 +737,7 @@ def _kshot_sweep(cfg: TuneFinetuneConfig, k: int, trainable, storage: Path, conc
             tune_config = _search_tune_config(
                 ranges, {}, "AP50", samples, concurrent, cfg.seed + number, scheduler=scheduler,
                 evaluated=[({"max_iters": r["max_iters"], "lr": r["lr"]}, r["val_AP50"]) for r in rows
-                           if r["val_AP50"] == r["val_AP50"]])
+                           if r["val_AP50"] == r["val_AP50"]], batch=True)
             print(f"K = {k}, round {number + 1}: {samples} schedules searched by Optuna (TPE) over "
                   + ", ".join(f"{r.name} [{r.low:g}, {r.high:g}]" for r in ranges), flush=True)
         results = _tuner(experiment, trainable, space, tune_config, samples,

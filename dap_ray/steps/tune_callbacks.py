@@ -1,18 +1,22 @@
-"""Ray Tune callbacks of the sweeps (:mod:`dap_ray.steps.tune`).
+"""Ray Tune callbacks and the trial scheduler of the sweeps (:mod:`dap_ray.steps.tune`).
 
-They live at module level so that a sweep's saved state (Tune pickles its ``RunConfig``, callbacks
-included, into ``tuner.pkl``) names their class instead of holding its code: a sweep resumed by
-a newer dap_ray runs the newer code. A class defined inside a function is pickled with the code
+They live at module level so that a sweep's saved state (Tune pickles its ``RunConfig`` and
+``TuneConfig``, callbacks and scheduler included, into ``tuner.pkl``) names their class instead of
+holding its code: a sweep resumed by a newer dap_ray runs the newer code. A class defined inside a function is pickled with the code
 it had when the sweep began, and a resumed sweep then ran stale code against current modules.
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import ray.tune
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from dap_ray.progress import Progress
 
-__all__ = ["TrialLines"]
+__all__ = ["BatchHalving", "TrialLines"]
 
 FINISHED = ("TERMINATED", "ERROR")
 
@@ -44,3 +48,84 @@ class TrialLines(ray.tune.Callback):
         # The ending trial is not marked terminated yet when Tune calls this.
         done = 1 + sum(t is not trial and t.status in FINISHED for t in trials)
         print(f"{self.label}: {self._progress(done - 1).line(done)}", flush=True)
+
+
+class BatchHalving(FIFOScheduler):
+    """Asynchronous successive halving (ASHA's rule) that reruns the same: a trial whose ``metric`` at
+    a rung (``grace_period`` times powers of ``reduction_factor`` in ``time_attr``, below ``max_t``)
+    falls under the ``1 - 1/reduction_factor`` quantile of the values recorded there is stopped,
+    but only values of trials that had ended when this one was added count.
+
+    With the searcher proposing in batches (Tune's ``ConcurrencyLimiter(batch=True)``: a batch
+    starts once the one before has ended) those are exactly the earlier batches' trials, whatever
+    order a batch's trials reach a rung in. Ray's ``ASHAScheduler`` judges a trial against whichever
+    trials reached the rung first, so which trials it stops, and what the searcher hears, hang on
+    timing. Trials of the first batch are never stopped. A resumed sweep judges its resumed trials
+    against the trials that ended after the resume (the records are not saved with the sweep).
+    """
+
+    def __init__(self, time_attr: str, max_t: float, grace_period: float, reduction_factor: float = 2,
+                 metric: str | None = None, mode: str | None = None) -> None:
+        super().__init__()
+        if grace_period <= 0 or max_t < grace_period or reduction_factor <= 1:
+            raise ValueError(f"need 0 < grace_period <= max_t and reduction_factor > 1, got grace_period "
+                             f"{grace_period}, max_t {max_t}, reduction_factor {reduction_factor}")
+        self.time_attr, self.reduction_factor = time_attr, reduction_factor
+        self.rungs: list[float] = []
+        rung = float(grace_period)
+        while rung < max_t:
+            self.rungs.append(rung)
+            rung *= reduction_factor
+        self._metric, self._mode = metric, mode
+        self.records: dict[str, dict[float, float]] = {}  # trial id -> rung -> its metric there (larger is better)
+        self.ended: list[str] = []
+        self.judged_by: dict[str, tuple[str, ...]] = {}
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec) -> bool:
+        if (self._metric and metric) or (self._mode and mode):
+            return False
+        self._metric, self._mode = self._metric or metric, self._mode or mode
+        return True
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        if self._metric is None or self._mode not in ("max", "min"):
+            raise ValueError(f"BatchHalving needs a metric and a mode of max or min, got {self._metric!r} and "
+                             f"{self._mode!r}")
+        self.judged_by[trial.trial_id] = tuple(self.ended)
+
+    def _record(self, trial, result: dict) -> str:
+        if self.time_attr not in result or self._metric not in result:
+            return TrialScheduler.CONTINUE
+        value = float(result[self._metric]) * (1.0 if self._mode == "max" else -1.0)
+        mine = self.records.setdefault(trial.trial_id, {})
+        action = TrialScheduler.CONTINUE
+        for rung in self.rungs:
+            if result[self.time_attr] < rung or rung in mine:
+                continue
+            mine[rung] = value
+            earlier = [v for j in self.judged_by.get(trial.trial_id, ())
+                       if (v := self.records.get(j, {}).get(rung)) is not None and not math.isnan(v)]
+            cutoff = np.percentile(earlier, (1 - 1 / self.reduction_factor) * 100) if earlier else None
+            if cutoff is not None and not math.isnan(value) and value < cutoff:
+                action = TrialScheduler.STOP
+        return action
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        return self._record(trial, result)
+
+    def _end(self, trial) -> None:
+        if trial.trial_id not in self.ended:
+            self.ended.append(trial.trial_id)
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        self._record(trial, result)
+        self._end(trial)
+
+    def on_trial_error(self, tune_controller, trial) -> None:
+        self._end(trial)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        self._end(trial)
+
+    def debug_string(self) -> str:
+        return f"BatchHalving: rungs {self.rungs} of {self.time_attr}, {len(self.ended)} trials ended"
