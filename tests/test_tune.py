@@ -365,7 +365,7 @@ def test_batch_halving_decides_the_same_whichever_trial_of_a_batch_reports_first
         scheduler.on_trial_add(None, first)
         _report(scheduler, first, 25, 10.0)
         scheduler.on_trial_complete(None, first, {"progress": 100, "AP50": 12.0})
-        scheduler = pickle.loads(pickle.dumps(scheduler))  # Tune saves it by name with its records
+        scheduler = pickle.loads(pickle.dumps(scheduler))  # it pickles (Tune pickles it into tuner.pkl)
         scheduler.on_trial_add(None, a)
         scheduler.on_trial_add(None, b)
         values = {a.trial_id: 30.0, b.trial_id: 8.0}
@@ -383,6 +383,30 @@ def test_batch_halving_decides_the_same_whichever_trial_of_a_batch_reports_first
     assert _report(scheduler, late, 50, 15.0) == TrialScheduler.STOP and set(scheduler.records["late"]) == {25.0, 50.0}
 
 
+def test_batch_halving_retries_a_failed_trial_with_the_judges_it_began_with():
+    """Tune tells of a failed trial's error, then adds it again to retry it: by then a trial of its
+    batch may have ended (timing), and the failed one is among the ended. Neither may judge it."""
+    from ray.tune.schedulers import TrialScheduler
+
+    scheduler, (a, b, mate, retried) = _halving("a", "b", "mate", "retried")
+    for trial, value in ((a, 10.0), (b, 20.0)):
+        scheduler.on_trial_add(None, trial)
+        _report(scheduler, trial, 25, value)
+        scheduler.on_trial_complete(None, trial, {"progress": 100, "AP50": value})
+    scheduler.on_trial_add(None, mate)
+    scheduler.on_trial_add(None, retried)
+    assert _report(scheduler, retried, 25, 16.0) == TrialScheduler.CONTINUE  # over the median of 10 and 20
+    scheduler.on_trial_error(None, retried)
+    _report(scheduler, mate, 25, 1.0)
+    scheduler.on_trial_complete(None, mate, {"progress": 100, "AP50": 1.0})
+    scheduler.on_trial_add(None, retried)
+    assert scheduler.judged_by["retried"] == ("a", "b") and "retried" not in scheduler.ended
+    # Under the median of a's and b's 10 and 20 at 50%: stopped. Had its batch-mate's 1.0 counted, it would pass.
+    assert _report(scheduler, retried, 50, 12.0) == TrialScheduler.STOP
+    scheduler.on_trial_complete(None, retried, {"progress": 50, "AP50": 12.0})
+    assert scheduler.ended == ["a", "b", "mate", "retried"]
+
+
 @pytest.mark.parametrize("grace, max_t, factor", [(0, 100, 2), (200, 100, 2), (25, 100, 1)])
 def test_batch_halving_refuses_rungs_it_cannot_place(grace, max_t, factor):
     from dap_ray.steps.tune_callbacks import BatchHalving
@@ -394,10 +418,10 @@ def test_batch_halving_refuses_rungs_it_cannot_place(grace, max_t, factor):
 @pytest.mark.resume
 def test_the_k_shot_search_reruns_the_same_with_two_trials_at_a_time(ray_session, tmp_path):
     """Proposals in batches and BatchHalving: a second run of the same search, two trials at a time,
-    tries the same schedules, stops the same trials where it stopped them, and chooses the same. At
-    this size timing rarely changes the order trials end in, so this guards the wiring; the order
-    independence itself is tested on the limiter and the scheduler above. In the resume tier for
-    its minute."""
+    tries the same schedules, runs each as far, and chooses the same. At this size timing rarely
+    changes the order trials end in and halving may stop none (one rung, at 50%), so this guards
+    the wiring; the order independence itself is tested on the limiter and the scheduler above. In
+    the resume tier for its minute."""
     from dap_ray.data.downstream_sample import DownstreamSampleConfig, make_downstream_sample
     from dap_ray.steps.tune import TuneFinetuneConfig, tune_finetune
 

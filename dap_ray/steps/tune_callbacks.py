@@ -60,8 +60,10 @@ class BatchHalving(FIFOScheduler):
     starts once the one before has ended) those are exactly the earlier batches' trials, whatever
     order a batch's trials reach a rung in. Ray's ``ASHAScheduler`` judges a trial against whichever
     trials reached the rung first, so which trials it stops, and what the searcher hears, hang on
-    timing. Trials of the first batch are never stopped. A resumed sweep judges its resumed trials
-    against the trials that ended after the resume (the records are not saved with the sweep).
+    timing. Trials of the first batch are never stopped. The records are not saved with the sweep
+    (Tune pickles the scheduler once, as the sweep begins): in a resumed sweep the trials that
+    ended before the resume judge no one, and the resumed trials are judged by the trials that
+    end after it.
     """
 
     def __init__(self, time_attr: str, max_t: float, grace_period: float, reduction_factor: float = 2,
@@ -91,6 +93,13 @@ class BatchHalving(FIFOScheduler):
         if self._metric is None or self._mode not in ("max", "min"):
             raise ValueError(f"BatchHalving needs a metric and a mode of max or min, got {self._metric!r} and "
                              f"{self._mode!r}")
+        if trial.trial_id in self.judged_by:
+            # Tune adds a failed trial again to retry it (FailureConfig), after telling of its error: it
+            # keeps the judges it began with (which trials of its batch had ended by the failure is
+            # timing) and the rungs it passed before failing, where it was not stopped.
+            if trial.trial_id in self.ended:
+                self.ended.remove(trial.trial_id)
+            return
         self.judged_by[trial.trial_id] = tuple(self.ended)
 
     def _record(self, trial, result: dict) -> str:
@@ -103,8 +112,8 @@ class BatchHalving(FIFOScheduler):
             if result[self.time_attr] < rung or rung in mine:
                 continue
             mine[rung] = value
-            earlier = [v for j in self.judged_by.get(trial.trial_id, ())
-                       if (v := self.records.get(j, {}).get(rung)) is not None and not math.isnan(v)]
+            earlier = [v for j in self.judged_by.get(trial.trial_id, ()) if j != trial.trial_id
+                       and (v := self.records.get(j, {}).get(rung)) is not None and not math.isnan(v)]
             cutoff = np.percentile(earlier, (1 - 1 / self.reduction_factor) * 100) if earlier else None
             if cutoff is not None and not math.isnan(value) and value < cutoff:
                 action = TrialScheduler.STOP
