@@ -85,9 +85,11 @@ def assert_redone(counts: list[int], every: int, notice_iterations: int = 20) ->
     the preemption's redone work is what the notice covered, plus the iteration the notice came in
     (:func:`resumed_at_the_notice` checks that nothing before the notice is redone). A kill comes
     without notice: less than two checkpoint intervals (the one in progress, and a checkpoint written
-    as the node died but never taken)."""
-    assert len(counts) == 2 and all(c >= 0 for c in counts), f"redone per loss (preempted, killed): {counts}"
-    assert counts[0] <= notice_iterations + 1 and counts[1] <= 2 * every, f"redone per loss (preempted, killed): {counts}"
+    as the node died but never taken). Two counts are expected; one only when an attempt's resume line
+    never reached its log (see :func:`report`), and then the kill's goes unchecked."""
+    message = f"redone per loss (preempted, killed): {counts}"
+    assert 1 <= len(counts) <= 2 and all(c >= 0 for c in counts), message
+    assert counts[0] <= notice_iterations + 1 and all(c <= 2 * every for c in counts[1:]), message
 
 
 def report(step: str, back_after: list[float], counts: list[int], unit: str,
