@@ -381,6 +381,9 @@ def test_batch_halving_decides_the_same_whichever_trial_of_a_batch_reports_first
     scheduler.on_trial_complete(None, first, {"progress": 100, "AP50": 20.0})
     scheduler.on_trial_add(None, late)
     assert _report(scheduler, late, 50, 15.0) == TrialScheduler.STOP and set(scheduler.records["late"]) == {25.0, 50.0}
+    # A trial at the end of its schedule is stopped, as ASHA does, however good (Tune marks it done).
+    scheduler.on_trial_add(None, first)
+    assert _report(scheduler, first, 100, 99.0) == TrialScheduler.STOP
 
 
 def test_batch_halving_retries_a_failed_trial_with_the_judges_it_began_with():

@@ -72,7 +72,7 @@ class BatchHalving(FIFOScheduler):
         if grace_period <= 0 or max_t < grace_period or reduction_factor <= 1:
             raise ValueError(f"need 0 < grace_period <= max_t and reduction_factor > 1, got grace_period "
                              f"{grace_period}, max_t {max_t}, reduction_factor {reduction_factor}")
-        self.time_attr, self.reduction_factor = time_attr, reduction_factor
+        self.time_attr, self.reduction_factor, self.max_t = time_attr, reduction_factor, max_t
         self.rungs: list[float] = []
         rung = float(grace_period)
         while rung < max_t:
@@ -120,7 +120,12 @@ class BatchHalving(FIFOScheduler):
         return action
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        return self._record(trial, result)
+        action = self._record(trial, result)
+        # A trial at max_t is stopped, as ASHA does: Tune then marks its last result done in
+        # result.json, which a finished trial's readers (and the cluster tier) look for.
+        if result.get(self.time_attr, 0) >= self.max_t:
+            return TrialScheduler.STOP
+        return action
 
     def _end(self, trial) -> None:
         if trial.trial_id not in self.ended:
