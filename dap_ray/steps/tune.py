@@ -23,9 +23,9 @@ TPE on log scales in rounds, or a grid):
 each trial is a Step 4 fine-tune (in the trial's process, or on Ray Train inside the trial)
 of the K-shot draw, validated every few iterations on training images the draw left out
 (never the test split), with successive halving stopping the weak trials early (proposals in
-batches and :class:`~dap_ray.steps.tune_callbacks.BatchHalving`, so a rerun searches the same). It writes the chosen
-iterations and lr per K as ``kshot_preset.yaml``, which ``jobs/finetune.py --kshot-table``
-reads, with ``results.csv``, ``results.md`` and ``sweep.png``.
+batches and :class:`~dap_ray.steps.tune_callbacks.BatchHalving`, so a rerun searches the same).
+It writes the chosen iterations and lr per K as ``kshot_preset.yaml``, which
+``jobs/finetune.py --kshot-table`` reads, with ``results.csv``, ``results.md`` and ``sweep.png``.
 """
 
 from __future__ import annotations
@@ -594,8 +594,8 @@ class TuneFinetuneConfig:
     val_images: int = field(default=60, metadata={
         "help": "validation images drawn from the training images the k-shot draw left out"})
     evals_per_trial: int = field(default=4, metadata={
-        "help": "validations along each trial's schedule, evenly spaced (successive halving compares trials at the same share "
-                "of their own schedules)"})
+        "help": "validations along each trial's schedule, evenly spaced (successive halving compares trials at "
+                "the same share of their own schedules)"})
     seed: int = field(default=0, metadata={"help": "k-shot draw, validation draw and training seed"})
     workers_per_trial: int = field(default=0, metadata={
         "help": "Ray Train workers inside each trial (0: the trial trains in its own process)"})

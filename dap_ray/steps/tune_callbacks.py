@@ -2,8 +2,9 @@
 
 They live at module level so that a sweep's saved state (Tune pickles its ``RunConfig`` and
 ``TuneConfig``, callbacks and scheduler included, into ``tuner.pkl``) names their class instead of
-holding its code: a sweep resumed by a newer dap_ray runs the newer code. A class defined inside a function is pickled with the code
-it had when the sweep began, and a resumed sweep then ran stale code against current modules.
+holding its code: a sweep resumed by a newer dap_ray runs the newer code. A class defined inside a
+function is pickled with the code it had when the sweep began, and a resumed sweep then ran stale
+code against current modules.
 """
 
 from __future__ import annotations
