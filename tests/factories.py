@@ -50,33 +50,32 @@ def not_a_module():
 NOT_CALLABLE = 3
 
 
-def _pause(module, inputs) -> None:
+def _pause(seconds: float, module, inputs) -> None:
     import time
 
-    time.sleep(0.1)
+    time.sleep(seconds)
 
 
-def _long_pause(module, inputs) -> None:
-    import time
+def _paused_tiny_resnet(num_classes: int, seconds: float) -> ResNet:
+    """tiny_resnet that pauses ``seconds`` per forward pass. A hook pauses, so its state dict is
+    tiny_resnet's (the same weights files load)."""
+    import functools
 
-    time.sleep(0.4)
+    model = tiny_resnet(num_classes)
+    model.layer1.register_forward_pre_hook(functools.partial(_pause, seconds))
+    return model
 
 
 def slow_tiny_resnet(num_classes: int = 7) -> ResNet:
-    """tiny_resnet that pauses 0.1 s per forward pass: long enough runs to kill things in. A hook
-    pauses, so its state dict is tiny_resnet's (the same weights files load)."""
-    model = tiny_resnet(num_classes)
-    model.layer1.register_forward_pre_hook(_pause)
-    return model
+    """tiny_resnet that pauses 0.1 s per forward pass: long enough runs to kill things in."""
+    return _paused_tiny_resnet(num_classes, 0.1)
 
 
 def slower_tiny_resnet(num_classes: int = 7) -> ResNet:
     """tiny_resnet that pauses 0.4 s per forward pass: a floor under a training iteration's time
     however fast the machine, so a run cannot finish inside a preemption notice of known length
     (an 8 s notice covers at most 20 iterations)."""
-    model = tiny_resnet(num_classes)
-    model.layer1.register_forward_pre_hook(_long_pause)
-    return model
+    return _paused_tiny_resnet(num_classes, 0.4)
 
 
 FAIL_ONCE_MARKER = __import__("pathlib").Path(__import__("tempfile").gettempdir()) / "dap_ray_tests_fail_once"
