@@ -410,6 +410,56 @@ def test_batch_halving_retries_a_failed_trial_with_the_judges_it_began_with():
     assert scheduler.ended == ["a", "b", "mate", "retried"]
 
 
+def test_batch_halving_judges_a_resumed_sweep_as_it_would_have_run_on(tmp_path):
+    """Tune pickles the scheduler as a sweep begins and restores that empty copy: the records come
+    back from the state file. A trial resumed keeps the judges it began with, not its batch-mate that
+    finished before the interruption; one restarted after an error (a new id) takes its place."""
+    import pickle
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from dap_ray.steps.tune_callbacks import BatchHalving
+
+    def trial(name, status="PENDING"):
+        return SimpleNamespace(trial_id=name, status=status, config={"max_iters": len(name), "lr": name})
+
+    state = tmp_path / "sweep" / "batch_halving.json"
+    scheduler = BatchHalving(time_attr="progress", max_t=100, grace_period=25, state_file=str(state))
+    scheduler.set_search_properties("AP50", "max")
+    as_begun = pickle.dumps(scheduler)
+    for name, value in (("a", 10.0), ("b", 20.0)):
+        scheduler.on_trial_add(None, trial(name))
+        _report(scheduler, trial(name), 25, value)
+        scheduler.on_trial_complete(None, trial(name), {"progress": 100, "AP50": value})
+    for name in ("mate", "resumed", "failed"):
+        scheduler.on_trial_add(None, trial(name))
+    _report(scheduler, trial("mate"), 25, 1.0)
+    scheduler.on_trial_complete(None, trial("mate"), {"progress": 100, "AP50": 1.0})
+    scheduler.on_trial_error(None, trial("failed"))
+    # The driver dies here. Tune restores the scheduler pickled as the sweep began and adds its trials
+    # again, the finished ones as finished, most recent first; the failed one restarted as "again".
+    restored = pickle.loads(as_begun)
+    assert restored.records == {} and state.is_file()
+    for name, status in (("mate", "TERMINATED"), ("resumed", "PENDING"), ("b", "TERMINATED"), ("a", "TERMINATED")):
+        restored.on_trial_add(None, trial(name, status))
+    again = SimpleNamespace(trial_id="again", status="PENDING", config=trial("failed").config)
+    restored.on_trial_add(None, again)
+    assert restored.judged_by["resumed"] == restored.judged_by["again"] == ("a", "b")
+    assert restored.ended == ["a", "b", "mate"] and restored.records["b"] == {25.0: 20.0, 50.0: 20.0}
+    # 12 is under the median of a's and b's 10 and 20; had mate's 1.0 counted, it would pass.
+    assert _report(restored, trial("resumed"), 25, 12.0) == TrialScheduler.STOP
+    assert _report(restored, again, 25, 12.0) == TrialScheduler.STOP
+    # A sweep begun by an older dap_ray restores a scheduler pickled without the state file.
+    old = pickle.loads(as_begun)
+    old.__dict__ = {k: v for k, v in old.__dict__.items()
+                    if k not in ("max_t", "configs", "errored", "state_file", "_read")}
+    older = pickle.loads(pickle.dumps(old))
+    older.on_trial_add(None, trial("c"))
+    assert older.judged_by == {"c": ()} and older.state_file is None
+    assert _report(older, trial("c"), 100, 5.0) == TrialScheduler.CONTINUE  # that version let trials end themselves
+
+
 @pytest.mark.parametrize("grace, max_t, factor", [(0, 100, 2), (200, 100, 2), (25, 100, 1)])
 def test_batch_halving_refuses_rungs_it_cannot_place(grace, max_t, factor):
     from dap_ray.steps.tune_callbacks import BatchHalving

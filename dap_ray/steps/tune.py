@@ -723,9 +723,9 @@ def _kshot_sweep(cfg: TuneFinetuneConfig, k: int, trainable, storage: Path, conc
     for number in range(1 if cfg.search == "grid" else cfg.extend_rounds + 1):
         # Rungs at shares of each trial's own schedule: a short schedule has decayed its rate by
         # its end, a long one has barely warmed up at the same iteration.
-        scheduler = BatchHalving(time_attr="progress", max_t=100, grace_period=max(1, 100 // cfg.evals_per_trial),
-                                 reduction_factor=2)
         experiment = storage / (f"finetune_k{k}" if number == 0 else f"finetune_k{k}_round{number}")
+        scheduler = BatchHalving(time_attr="progress", max_t=100, grace_period=max(1, 100 // cfg.evals_per_trial),
+                                 reduction_factor=2, state_file=str(experiment / "batch_halving.json"))
         if cfg.search == "grid":
             samples = len(cfg.iterations) * len(cfg.lrs)
             space = {"max_iters": ray.tune.grid_search(list(cfg.iterations)), "lr": ray.tune.grid_search(list(cfg.lrs))}

@@ -9,7 +9,10 @@ code against current modules.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import ray.tune
@@ -61,14 +64,17 @@ class BatchHalving(FIFOScheduler):
     starts once the one before has ended) those are exactly the earlier batches' trials, whatever
     order a batch's trials reach a rung in. Ray's ``ASHAScheduler`` judges a trial against whichever
     trials reached the rung first, so which trials it stops, and what the searcher hears, hang on
-    timing. Trials of the first batch are never stopped. The records are not saved with the sweep
-    (Tune pickles the scheduler once, as the sweep begins): in a resumed sweep the trials that
-    ended before the resume judge no one, and the resumed trials are judged by the trials that
-    end after it.
+    timing. Trials of the first batch are never stopped.
+
+    Given ``state_file`` (a JSON file in the sweep's folder), it writes its records there as they
+    change and reads them back when the sweep resumes (Tune pickles the scheduler once, as the sweep
+    begins, so its records would otherwise start empty): a resumed trial keeps the judges it began
+    with, and a trial restarted after an error (Tune gives it a new id) inherits those of the first
+    trial with its config. Without the file a resumed sweep's earlier trials judge no one.
     """
 
     def __init__(self, time_attr: str, max_t: float, grace_period: float, reduction_factor: float = 2,
-                 metric: str | None = None, mode: str | None = None) -> None:
+                 metric: str | None = None, mode: str | None = None, state_file: str | None = None) -> None:
         super().__init__()
         if grace_period <= 0 or max_t < grace_period or reduction_factor <= 1:
             raise ValueError(f"need 0 < grace_period <= max_t and reduction_factor > 1, got grace_period "
@@ -83,6 +89,38 @@ class BatchHalving(FIFOScheduler):
         self.records: dict[str, dict[float, float]] = {}  # trial id -> rung -> its metric there (larger is better)
         self.ended: list[str] = []
         self.judged_by: dict[str, tuple[str, ...]] = {}
+        self.configs: dict[str, str] = {}  # trial id -> its config, to know a restarted trial
+        self.errored: set[str] = set()
+        self.state_file = state_file
+        self._read = state_file is None
+
+    def __setstate__(self, state: dict) -> None:
+        # A sweep begun by an older dap_ray pickled its scheduler without the later attributes; it
+        # resumes with what that version did (no stop at max_t: its trials ended on their own).
+        self.__dict__.update({"max_t": math.inf, "configs": {}, "errored": set(), "state_file": None, "_read": True,
+                              **state})
+
+    def _load(self) -> None:
+        self._read = True
+        path = Path(self.state_file)
+        if not path.is_file():
+            return
+        state = json.loads(path.read_text())
+        self.records = {t: {float(r): v for r, v in rungs.items()} for t, rungs in state["records"].items()}
+        self.ended = list(state["ended"])
+        self.judged_by = {t: tuple(js) for t, js in state["judged_by"].items()}
+        self.configs = dict(state["configs"])
+        self.errored = set(state["errored"])
+
+    def _save(self) -> None:
+        if self.state_file is None:
+            return
+        path = Path(self.state_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps({"records": self.records, "ended": self.ended, "judged_by": self.judged_by,
+                                       "configs": self.configs, "errored": sorted(self.errored)}))
+        os.replace(partial, path)
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec) -> bool:
         if (self._metric and metric) or (self._mode and mode):
@@ -94,14 +132,37 @@ class BatchHalving(FIFOScheduler):
         if self._metric is None or self._mode not in ("max", "min"):
             raise ValueError(f"BatchHalving needs a metric and a mode of max or min, got {self._metric!r} and "
                              f"{self._mode!r}")
+        if not self._read:
+            self._load()
+        config = json.dumps(getattr(trial, "config", None), sort_keys=True, default=str)
+        if getattr(trial, "status", None) == "TERMINATED":
+            # A finished trial restored with its sweep: it judges, as it did before the resume.
+            self.judged_by.setdefault(trial.trial_id, tuple(self.ended))
+            self.configs.setdefault(trial.trial_id, config)
+            self._end(trial)
+            return
+        if trial.trial_id not in self.judged_by and getattr(trial, "config", None) is not None:
+            # A resumed sweep restarts an errored trial under a new id: it takes the place of the
+            # failed trial with its config and keeps that one's judges.
+            original = next((t for t in sorted(self.errored) if self.configs.get(t) == config), None)
+            if original is not None:
+                self.judged_by[trial.trial_id] = self.judged_by[original]
+                self.errored.discard(original)
+                if original in self.ended:
+                    self.ended.remove(original)
+                self.configs[original] = f"restarted as {trial.trial_id}"
         if trial.trial_id in self.judged_by:
-            # Tune adds a failed trial again to retry it (FailureConfig), after telling of its error: it
-            # keeps the judges it began with (which trials of its batch had ended by the failure is
-            # timing) and the rungs it passed before failing, where it was not stopped.
+            # Tune adds a failed trial again to retry it (FailureConfig), after telling of its error, and
+            # an unfinished one again when its sweep resumes: it keeps the judges it began with (which
+            # trials of its batch had ended by then is timing) and the rungs it passed before, where it
+            # was not stopped.
+            self.errored.discard(trial.trial_id)
             if trial.trial_id in self.ended:
                 self.ended.remove(trial.trial_id)
-            return
-        self.judged_by[trial.trial_id] = tuple(self.ended)
+        else:
+            self.judged_by[trial.trial_id] = tuple(self.ended)
+        self.configs.setdefault(trial.trial_id, config)
+        self._save()
 
     def _record(self, trial, result: dict) -> str:
         if self.time_attr not in result or self._metric not in result:
@@ -113,6 +174,7 @@ class BatchHalving(FIFOScheduler):
             if result[self.time_attr] < rung or rung in mine:
                 continue
             mine[rung] = value
+            self._save()
             earlier = [v for j in self.judged_by.get(trial.trial_id, ()) if j != trial.trial_id
                        and (v := self.records.get(j, {}).get(rung)) is not None and not math.isnan(v)]
             cutoff = np.percentile(earlier, (1 - 1 / self.reduction_factor) * 100) if earlier else None
@@ -131,12 +193,14 @@ class BatchHalving(FIFOScheduler):
     def _end(self, trial) -> None:
         if trial.trial_id not in self.ended:
             self.ended.append(trial.trial_id)
+            self._save()
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
         self._record(trial, result)
         self._end(trial)
 
     def on_trial_error(self, tune_controller, trial) -> None:
+        self.errored.add(trial.trial_id)
         self._end(trial)
 
     def on_trial_remove(self, tune_controller, trial) -> None:
