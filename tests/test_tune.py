@@ -515,3 +515,7 @@ def test_the_k_shot_search_grows_a_range_its_best_sits_on(ray_session, tmp_path)
     preset = yaml.safe_load((tmp_path / "sweep" / "kshot_preset.yaml").read_text())
     assert preset["shots"][2] == {"max_iters": chosen["max_iters"], "lr": chosen["lr"]}
     assert 0.005 / 20 <= chosen["lr"] <= 0.2 and "round 2" in (tmp_path / "sweep" / "results.md").read_text()
+    # Each round's halving records sit in its sweep's folder, for a resume to read back.
+    states = sorted((tmp_path / "sweep").rglob("batch_halving.json"))
+    assert [p.parent.name for p in states] == ["finetune_k2", "finetune_k2_round1"]
+    assert [len(json.loads(p.read_text())["ended"]) for p in states] == [2, 1]
