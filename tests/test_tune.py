@@ -460,6 +460,47 @@ def test_batch_halving_judges_a_resumed_sweep_as_it_would_have_run_on(tmp_path):
     assert _report(older, trial("c"), 100, 5.0) == TrialScheduler.CONTINUE  # that version let trials end themselves
 
 
+def test_batch_halving_resumes_from_a_file_ahead_of_tunes_saved_state(tmp_path):
+    """The file is written at once and Tune's state every few seconds: a trial stopped at a rung may
+    come back unfinished, and one that began and ended may not come back at all (the restored
+    searcher proposes it again under a new id). The first is stopped again at that rung, the
+    second judges no one."""
+    import math
+    import pickle
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from dap_ray.steps.tune_callbacks import BatchHalving
+
+    def trial(name, status="PENDING"):
+        return SimpleNamespace(trial_id=name, status=status, config={"name": name})
+
+    state = tmp_path / "batch_halving.json"
+    scheduler = BatchHalving(time_attr="progress", max_t=100, grace_period=25, state_file=str(state))
+    scheduler.set_search_properties("AP50", "max")
+    as_begun = pickle.dumps(scheduler)
+    for name, value in (("a", 10.0), ("b", 20.0), ("c", float("nan"))):
+        scheduler.on_trial_add(None, trial(name))
+        _report(scheduler, trial(name), 25, value)
+        scheduler.on_trial_complete(None, trial(name), {"progress": 100, "AP50": value})
+    scheduler.on_trial_add(None, trial("stopped"))
+    assert _report(scheduler, trial("stopped"), 25, 5.0) == TrialScheduler.STOP
+    scheduler.on_trial_add(None, trial("ghost"))
+    _report(scheduler, trial("ghost"), 25, 0.0)
+    scheduler.on_trial_complete(None, trial("ghost"), {"progress": 25, "AP50": 0.0})
+    # Tune's last save had a, b and c finished and "stopped" still running, and never saw "ghost".
+    restored = pickle.loads(as_begun)
+    for name, status in (("stopped", "PENDING"), ("c", "TERMINATED"), ("b", "TERMINATED"), ("a", "TERMINATED")):
+        restored.on_trial_add(None, trial(name, status))
+    assert _report(restored, trial("stopped"), 25, 30.0) == TrialScheduler.STOP  # its first value there, 5.0
+    assert math.isnan(restored.records["c"][25.0])
+    restored.on_trial_add(None, trial("new"))
+    assert "ghost" not in restored.ended and "ghost" not in restored.records
+    assert restored.judged_by["new"] == ("a", "b", "c")
+    assert json.loads(state.read_text())["judged_by"]["new"] == ["a", "b", "c"]  # and written back
+
+
 @pytest.mark.parametrize("grace, max_t, factor", [(0, 100, 2), (200, 100, 2), (25, 100, 1)])
 def test_batch_halving_refuses_rungs_it_cannot_place(grace, max_t, factor):
     from dap_ray.steps.tune_callbacks import BatchHalving

@@ -724,8 +724,11 @@ def _kshot_sweep(cfg: TuneFinetuneConfig, k: int, trainable, storage: Path, conc
         # Rungs at shares of each trial's own schedule: a short schedule has decayed its rate by
         # its end, a long one has barely warmed up at the same iteration.
         experiment = storage / (f"finetune_k{k}" if number == 0 else f"finetune_k{k}_round{number}")
+        state = experiment / "batch_halving.json"
+        if not ray.tune.Tuner.can_restore(str(experiment)):
+            state.unlink(missing_ok=True)  # from a sweep that died before Tune saved it: not this one's
         scheduler = BatchHalving(time_attr="progress", max_t=100, grace_period=max(1, 100 // cfg.evals_per_trial),
-                                 reduction_factor=2, state_file=str(experiment / "batch_halving.json"))
+                                 reduction_factor=2, state_file=str(state))
         if cfg.search == "grid":
             samples = len(cfg.iterations) * len(cfg.lrs)
             space = {"max_iters": ray.tune.grid_search(list(cfg.iterations)), "lr": ray.tune.grid_search(list(cfg.lrs))}

@@ -70,7 +70,10 @@ class BatchHalving(FIFOScheduler):
     change and reads them back when the sweep resumes (Tune pickles the scheduler once, as the sweep
     begins, so its records would otherwise start empty): a resumed trial keeps the judges it began
     with, and a trial restarted after an error (Tune gives it a new id) inherits those of the first
-    trial with its config. Without the file a resumed sweep's earlier trials judge no one.
+    trial with its config. The file runs ahead of Tune's saved state (saved every few seconds): a
+    stop Tune missed is decided again, and trials Tune never saved are forgotten. Without the file
+    a resumed sweep's earlier trials judge no one. The file's path is fixed as the sweep begins, so
+    a sweep moved to another folder resumes without it.
     """
 
     def __init__(self, time_attr: str, max_t: float, grace_period: float, reduction_factor: float = 2,
@@ -93,12 +96,13 @@ class BatchHalving(FIFOScheduler):
         self.errored: set[str] = set()
         self.state_file = state_file
         self._read = state_file is None
+        self._unconfirmed: set[str] = set()  # trials read from the file that Tune has not added again yet
 
     def __setstate__(self, state: dict) -> None:
         # A sweep begun by an older dap_ray pickled its scheduler without the later attributes; it
         # resumes with what that version did (no stop at max_t: its trials ended on their own).
         self.__dict__.update({"max_t": math.inf, "configs": {}, "errored": set(), "state_file": None, "_read": True,
-                              **state})
+                              "_unconfirmed": set(), **state})
 
     def _load(self) -> None:
         self._read = True
@@ -111,6 +115,19 @@ class BatchHalving(FIFOScheduler):
         self.judged_by = {t: tuple(js) for t, js in state["judged_by"].items()}
         self.configs = dict(state["configs"])
         self.errored = set(state["errored"])
+        self._unconfirmed = set(self.judged_by)
+
+    def _settle(self) -> None:
+        """At the first trial proposed after a resume (Tune adds every restored trial first): forget
+        the trials the file knew and Tune's saved state did not (it is saved every few seconds, the
+        file at once), which the restored searcher proposes again under new ids."""
+        for gone in self._unconfirmed:
+            for held in (self.records, self.judged_by, self.configs):
+                held.pop(gone, None)
+            self.errored.discard(gone)
+            if gone in self.ended:
+                self.ended.remove(gone)
+        self._unconfirmed = set()
 
     def _save(self) -> None:
         if self.state_file is None:
@@ -135,6 +152,7 @@ class BatchHalving(FIFOScheduler):
         if not self._read:
             self._load()
         config = json.dumps(getattr(trial, "config", None), sort_keys=True, default=str)
+        self._unconfirmed.discard(trial.trial_id)
         if getattr(trial, "status", None) == "TERMINATED":
             # A finished trial restored with its sweep: it judges, as it did before the resume.
             self.judged_by.setdefault(trial.trial_id, tuple(self.ended))
@@ -146,6 +164,7 @@ class BatchHalving(FIFOScheduler):
             # failed trial with its config and keeps that one's judges.
             original = next((t for t in sorted(self.errored) if self.configs.get(t) == config), None)
             if original is not None:
+                self._unconfirmed.discard(original)
                 self.judged_by[trial.trial_id] = self.judged_by[original]
                 self.errored.discard(original)
                 if original in self.ended:
@@ -160,6 +179,7 @@ class BatchHalving(FIFOScheduler):
             if trial.trial_id in self.ended:
                 self.ended.remove(trial.trial_id)
         else:
+            self._settle()
             self.judged_by[trial.trial_id] = tuple(self.ended)
         self.configs.setdefault(trial.trial_id, config)
         self._save()
@@ -171,14 +191,18 @@ class BatchHalving(FIFOScheduler):
         mine = self.records.setdefault(trial.trial_id, {})
         action = TrialScheduler.CONTINUE
         for rung in self.rungs:
-            if result[self.time_attr] < rung or rung in mine:
+            if result[self.time_attr] < rung:
                 continue
-            mine[rung] = value
-            self._save()
+            if rung not in mine:
+                mine[rung] = value
+                self._save()
+            # A rung passed before (a retry, or a resumed trial whose stop Tune's saved state had not
+            # caught up with) is judged again on its first value there: its judges' values are final,
+            # so the decision is the one it had.
             earlier = [v for j in self.judged_by.get(trial.trial_id, ()) if j != trial.trial_id
                        and (v := self.records.get(j, {}).get(rung)) is not None and not math.isnan(v)]
             cutoff = np.percentile(earlier, (1 - 1 / self.reduction_factor) * 100) if earlier else None
-            if cutoff is not None and not math.isnan(value) and value < cutoff:
+            if cutoff is not None and not math.isnan(mine[rung]) and mine[rung] < cutoff:
                 action = TrialScheduler.STOP
         return action
 
@@ -202,6 +226,7 @@ class BatchHalving(FIFOScheduler):
     def on_trial_error(self, tune_controller, trial) -> None:
         self.errored.add(trial.trial_id)
         self._end(trial)
+        self._save()
 
     def on_trial_remove(self, tune_controller, trial) -> None:
         self._end(trial)
