@@ -69,7 +69,7 @@ class BatchHalving(FIFOScheduler):
     Given ``state_file`` (a JSON file in the sweep's folder), it writes its records there as they
     change and reads them back when the sweep resumes (Tune pickles the scheduler once, as the sweep
     begins, so its records would otherwise start empty): a resumed trial keeps the judges it began
-    with, and a trial restarted after an error (Tune gives it a new id) inherits those of the first
+    with, and a trial restarted after an error (Tune gives it a new id) inherits those of the failed
     trial with its config. The file runs ahead of Tune's saved state (saved every few seconds): a
     stop Tune missed is decided again, and trials Tune never saved are forgotten. Without the file
     a resumed sweep's earlier trials judge no one. The file's path is fixed as the sweep begins, so
@@ -169,7 +169,6 @@ class BatchHalving(FIFOScheduler):
                 self.errored.discard(original)
                 if original in self.ended:
                     self.ended.remove(original)
-                self.configs[original] = f"restarted as {trial.trial_id}"
         if trial.trial_id in self.judged_by:
             # Tune adds a failed trial again to retry it (FailureConfig), after telling of its error, and
             # an unfinished one again when its sweep resumes: it keeps the judges it began with (which
