@@ -200,7 +200,7 @@ def _plot(table: dict, path: Path) -> None:
                      for source, _ in chosen]
             by_boxes.set_xticks(range(len(chosen)), ticks)
     by_length.set_xscale("log")
-    if lengths:  # the lengths run themselves as ticks: a log axis over 400-1,600 alone labels them 4x10^2
+    if lengths:  # ticks at the lengths tried: a log axis over 400-1,600 alone labels them 4x10^2
         by_length.set_xticks([n for n, _ in lengths], [f"{n:,}" for n, _ in lengths])
         by_length.minorticks_off()
     by_length.set_xlabel("pre-training iterations (searched boxes)")
